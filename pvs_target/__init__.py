@@ -1,0 +1,1 @@
+"""pvs_target: attaches a vDisk streamed by pvsd."""

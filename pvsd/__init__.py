@@ -1,0 +1,1 @@
+"""pvsd: the pvs server daemon and its admin console."""
