@@ -1,0 +1,256 @@
+"""The protocol state machine for one connection, shared by server and target.
+
+Rules, in one place:
+- The target opens with HELLO; the server answers HELLO_REPLY (or GOODBYE). Nothing else may be
+  sent before that, and frames longer than ``HANDSHAKE_MAX_PAYLOAD`` are refused.
+- Then the target sends LOGIN, one at a time; the server answers LOGIN_OK (streaming begins),
+  REDIRECT (the connection ends: log in at the named server) or ERROR (the target may try again).
+- While streaming, the target sends READ, WRITE and FLUSH with request ids unique among its
+  outstanding requests, at most ``max_in_flight`` of them, each at most ``max_request`` bytes;
+  the server answers each exactly once (READ_DATA of exactly the length asked, DONE or ERROR),
+  in any order.
+- KEEPALIVE may be sent by either side after HELLO; GOODBYE by either side at any time, and it
+  ends the connection.
+Any breach by the peer raises ``RemoteProtocolError``; any breach by us ``LocalProtocolError``.
+The connection never reads a clock: timeouts belong to the I/O layer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pvs_protocol import events as ev
+from pvs_protocol import wire
+from pvs_protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Phase(enum.Enum):
+    HELLO = "hello"
+    LOGIN = "login"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+_ALWAYS = (ev.Keepalive, ev.Goodbye)
+_SENDABLE: dict[tuple[Role, Phase], tuple[type, ...]] = {
+    (Role.CLIENT, Phase.HELLO): (ev.Hello, ev.Goodbye),
+    (Role.CLIENT, Phase.LOGIN): (ev.Login, *_ALWAYS),
+    (Role.CLIENT, Phase.STREAMING): (ev.Read, ev.Write, ev.Flush, *_ALWAYS),
+    (Role.SERVER, Phase.HELLO): (ev.HelloReply, ev.Goodbye),
+    (Role.SERVER, Phase.LOGIN): (ev.LoginOk, ev.Redirect, ev.Error, *_ALWAYS),
+    (Role.SERVER, Phase.STREAMING): (ev.ReadData, ev.Done, ev.Error, ev.Relogin, *_ALWAYS),
+}
+_CLIENT_FRAMES = frozenset(t for t in wire.FrameType if t < 0x80)
+_BLOCK_FRAMES = frozenset({wire.FrameType.READ_DATA, wire.FrameType.WRITE})
+_REQUESTS = (ev.Read, ev.Write, ev.Flush)
+_REPLIES = (ev.ReadData, ev.Done, ev.Error)
+
+
+def negotiate(
+    hello: ev.Hello, *, max_request: int, max_in_flight: int, server_name: str
+) -> ev.HelloReply:
+    """The server's answer to HELLO; raises ProtocolError(UNSUPPORTED_VERSION) if none fits."""
+    if not hello.version_min <= wire.VERSION <= hello.version_max:
+        raise RemoteProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"target speaks versions {hello.version_min}-{hello.version_max}, "
+            f"this server speaks {wire.VERSION}: upgrade the older side",
+        )
+    if hello.max_request < 512:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "max_request below 512 bytes")
+    checksum = (
+        ev.Checksum.CRC32 if ev.Checksum.CRC32 in hello.checksums else ev.Checksum.NONE
+    )
+    limit = min(hello.max_request, max_request, wire.MAX_REQUEST_LIMIT)
+    return ev.HelloReply(wire.VERSION, limit, max_in_flight, checksum, server_name)
+
+
+class Connection:
+    """Bytes in, events out, for one side of one connection."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.phase = Phase.HELLO
+        self.max_request = 0
+        self.max_in_flight = 0
+        self.checksum = ev.Checksum.NONE
+        self._buffer = bytearray()
+        self._hello: ev.Hello | None = None
+        self._login_pending = False
+        # request id -> length expected back (READ) or -1 (WRITE, FLUSH)
+        self._outstanding: dict[int, int] = {}
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._buffer += data
+
+    def next_event(self) -> ev.Event | ev.NeedData:
+        """Decode the next whole frame, or return NEED_DATA.
+
+        The header is checked before its payload is waited for, so a peer announcing a huge
+        length is refused at once rather than buffered.
+        """
+        if self.phase is Phase.CLOSED:
+            return ev.NEED_DATA
+        if len(self._buffer) < wire.HEADER_SIZE:
+            return ev.NEED_DATA
+        magic, type_code, flags, length, request_id = wire.HEADER.unpack_from(self._buffer)
+        if magic != wire.MAGIC:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"bad frame magic 0x{magic:04x}")
+        try:
+            kind = wire.FrameType(type_code)
+        except ValueError:
+            raise RemoteProtocolError(
+                ErrorCode.UNKNOWN_TYPE, f"unknown frame type 0x{type_code:02x}"
+            ) from None
+        if (kind in _CLIENT_FRAMES) != (self.role is Role.SERVER) and kind not in (
+            wire.FrameType.KEEPALIVE, wire.FrameType.GOODBYE,
+        ):
+            raise RemoteProtocolError(
+                ErrorCode.BAD_STATE, f"{kind.name} may not be sent to a {self.role.value}"
+            )
+        limit = self._payload_limit(kind)
+        if length > limit:
+            raise RemoteProtocolError(
+                ErrorCode.TOO_LARGE, f"{kind.name} of {length} bytes exceeds limit {limit}"
+            )
+        end = wire.HEADER_SIZE + length
+        if len(self._buffer) < end:
+            return ev.NEED_DATA
+        payload = bytes(self._buffer[wire.HEADER_SIZE : end])
+        del self._buffer[:end]
+        event = wire.decode(kind, flags, request_id, payload, self.checksum)
+        self._check_received(event)
+        return event
+
+    def _payload_limit(self, kind: wire.FrameType) -> int:
+        if kind in _BLOCK_FRAMES and self.phase is Phase.STREAMING:
+            return self.max_request + 8
+        return wire.HANDSHAKE_MAX_PAYLOAD
+
+    def _check_received(self, event: ev.Event) -> None:
+        try:
+            self._apply(event, sending=False)
+        except LocalProtocolError as error:
+            raise RemoteProtocolError(error.code, error.message) from None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, event: ev.Event) -> bytes:
+        return b"".join(self.send_buffers(event))
+
+    def send_buffers(self, event: ev.Event) -> list[bytes | bytearray | memoryview]:
+        """Like ``send`` but leaves block data as its own buffer, for ``writelines``."""
+        self._apply(event, sending=True)
+        return wire.encode(event, self.checksum)
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def _apply(self, event: ev.Event, *, sending: bool) -> None:
+        """Check ``event`` against the rules and move the state on; raise LocalProtocolError."""
+        sender = self.role if sending else _other(self.role)
+        if self.phase is Phase.CLOSED:
+            raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is closed")
+        allowed = _SENDABLE[(sender, self.phase)]
+        if not isinstance(event, allowed):
+            raise LocalProtocolError(
+                ErrorCode.BAD_STATE,
+                f"{type(event).__name__} not allowed from the {sender.value} "
+                f"in phase {self.phase.value}",
+            )
+        match event:
+            case ev.Goodbye():
+                self.phase = Phase.CLOSED
+            case ev.Hello():
+                if self._hello is not None:
+                    raise LocalProtocolError(ErrorCode.BAD_STATE, "HELLO sent twice")
+                self._hello = event
+            case ev.HelloReply():
+                self._accept_hello_reply(event)
+            case ev.Login():
+                if self._login_pending:
+                    raise LocalProtocolError(ErrorCode.BAD_STATE, "LOGIN while one is pending")
+                self._login_pending = True
+            case ev.LoginOk() | ev.Redirect() | ev.Error() if self.phase is Phase.LOGIN:
+                if not self._login_pending:
+                    raise LocalProtocolError(ErrorCode.BAD_STATE, "login reply without LOGIN")
+                self._login_pending = False
+                if isinstance(event, ev.LoginOk):
+                    self.phase = Phase.STREAMING
+                elif isinstance(event, ev.Redirect):
+                    self.phase = Phase.CLOSED
+            case ev.Read() | ev.Write() | ev.Flush():
+                self._open_request(event)
+            case ev.ReadData() | ev.Done() | ev.Error():
+                self._close_request(event)
+
+    def _accept_hello_reply(self, reply: ev.HelloReply) -> None:
+        hello = self._hello
+        if hello is None:
+            raise LocalProtocolError(ErrorCode.BAD_STATE, "HELLO_REPLY before HELLO")
+        if not hello.version_min <= reply.version <= hello.version_max:
+            raise LocalProtocolError(ErrorCode.UNSUPPORTED_VERSION, "version not offered")
+        if not 512 <= reply.max_request <= min(hello.max_request, wire.MAX_REQUEST_LIMIT):
+            raise LocalProtocolError(ErrorCode.MALFORMED, "max_request outside offered range")
+        if reply.max_in_flight < 1:
+            raise LocalProtocolError(ErrorCode.MALFORMED, "max_in_flight must be at least 1")
+        if reply.checksum is not ev.Checksum.NONE and reply.checksum not in hello.checksums:
+            raise LocalProtocolError(ErrorCode.MALFORMED, "checksum kind not offered")
+        self.max_request = reply.max_request
+        self.max_in_flight = reply.max_in_flight
+        self.checksum = reply.checksum
+        self.phase = Phase.LOGIN
+
+    def _open_request(self, request: ev.Read | ev.Write | ev.Flush) -> None:
+        rid = request.request_id
+        if rid == 0 or rid in self._outstanding:
+            raise LocalProtocolError(ErrorCode.MALFORMED, f"request id {rid} zero or in use")
+        if len(self._outstanding) >= self.max_in_flight:
+            raise LocalProtocolError(
+                ErrorCode.TOO_LARGE, f"more than {self.max_in_flight} requests in flight"
+            )
+        expected = -1
+        if isinstance(request, ev.Read):
+            if not 0 < request.length <= self.max_request:
+                raise LocalProtocolError(
+                    ErrorCode.TOO_LARGE,
+                    f"READ {rid} length {request.length} outside 1..{self.max_request}",
+                )
+            expected = request.length
+        elif isinstance(request, ev.Write) and not 0 < len(request.data) <= self.max_request:
+            raise LocalProtocolError(
+                ErrorCode.TOO_LARGE, f"WRITE {rid} length outside 1..{self.max_request}"
+            )
+        self._outstanding[rid] = expected
+
+    def _close_request(self, reply: ev.ReadData | ev.Done | ev.Error) -> None:
+        rid = reply.request_id
+        if isinstance(reply, ev.Error) and rid == 0:
+            return  # a connection-level error report; the GOODBYE that follows ends it
+        expected = self._outstanding.pop(rid, None)
+        if expected is None:
+            raise LocalProtocolError(ErrorCode.MALFORMED, f"reply to unknown request {rid}")
+        if isinstance(reply, ev.ReadData) and len(reply.data) != expected:
+            raise LocalProtocolError(
+                ErrorCode.MALFORMED,
+                f"READ_DATA {rid} carries {len(reply.data)} bytes, {expected} were asked",
+            )
+        if isinstance(reply, ev.Done) and expected != -1:
+            raise LocalProtocolError(ErrorCode.MALFORMED, f"DONE for READ {rid}")
+
+
+def _other(role: Role) -> Role:
+    return Role.SERVER if role is Role.CLIENT else Role.CLIENT
+
+
+__all__ = ["Connection", "Phase", "ProtocolError", "Role", "negotiate"]

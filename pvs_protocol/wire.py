@@ -1,0 +1,287 @@
+"""Byte layouts of every frame. The only place that knows them (see docs/protocol.md).
+
+All integers are big-endian. Every frame is a 16-byte header followed by ``length`` bytes of
+payload; decoding a payload checks that it is consumed exactly, so trailing garbage is an error
+just like a short payload.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from collections.abc import Callable
+
+from pvs_protocol import events as ev
+from pvs_protocol.errors import ErrorCode, RemoteProtocolError
+from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
+
+MAGIC = 0x5056  # "PV"
+VERSION = 1
+HEADER = struct.Struct(">HBBIQ")  # magic, type, flags, payload length, request id
+HEADER_SIZE = HEADER.size  # 16
+HANDSHAKE_MAX_PAYLOAD = 4096
+"""Limit on every frame that carries no block data; also applies before HELLO completes."""
+MAX_STRING = 1024
+MAX_REQUEST_LIMIT = 32 * 1024 * 1024
+"""No negotiation can raise the request size above this."""
+FLAG_REPLY = 0x01
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x01
+    LOGIN = 0x02
+    READ = 0x03
+    WRITE = 0x04
+    FLUSH = 0x05
+    KEEPALIVE = 0x10
+    GOODBYE = 0x11
+    HELLO_REPLY = 0x81
+    LOGIN_OK = 0x82
+    REDIRECT = 0x83
+    READ_DATA = 0x84
+    DONE = 0x85
+    ERROR = 0x86
+    RELOGIN = 0x87
+
+
+_IDENTITY = struct.Struct(f">IQQ{DIGEST_SIZE}s")
+_HELLO = struct.Struct(">HHIB")
+_HELLO_REPLY = struct.Struct(">HIIB")
+_LOGIN_HEAD = struct.Struct(">B")
+_LOGIN_OK_HEAD = struct.Struct(">QIBB")
+_READ = struct.Struct(">QI")
+_OFFSET = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_LOGIN_PINNED = 0x01
+_LOGIN_REDIRECTED = 0x02
+
+
+class _Reader:
+    """Cursor over one payload; every short read is a MALFORMED protocol error."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes | memoryview, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    def take(self, size: int) -> bytes:
+        end = self._pos + size
+        if end > len(self._data):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: payload too short")
+        chunk = bytes(self._data[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def unpack(self, layout: struct.Struct) -> tuple[int, ...]:
+        return layout.unpack(self.take(layout.size))
+
+    def string(self) -> str:
+        (size,) = struct.unpack(">H", self.take(2))
+        if size > MAX_STRING:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: string too long")
+        try:
+            return self.take(size).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED, f"{self._what}: string is not UTF-8"
+            ) from None
+
+    def identity(self) -> ReplicaIdentity:
+        version, timestamp_ns, size, digest = _IDENTITY.unpack(self.take(_IDENTITY.size))
+        return ReplicaIdentity(version, timestamp_ns, size, digest)
+
+    def rest(self) -> memoryview:
+        view = memoryview(self._data)[self._pos :]
+        self._pos = len(self._data)
+        return view
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: trailing bytes")
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_STRING:
+        raise ValueError(f"string of {len(raw)} bytes exceeds the {MAX_STRING}-byte limit")
+    return struct.pack(">H", len(raw)) + raw
+
+
+def _identity(identity: ReplicaIdentity) -> bytes:
+    return _IDENTITY.pack(identity.version, identity.timestamp_ns, identity.size, identity.digest)
+
+
+def checksum(kind: ev.Checksum, data: bytes | bytearray | memoryview) -> int:
+    return zlib.crc32(data) if kind is ev.Checksum.CRC32 else 0
+
+
+def header(kind: FrameType, length: int, request_id: int = 0, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, kind, flags, length, request_id)
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+def encode(event: ev.Event, checksum_kind: ev.Checksum) -> list[bytes | bytearray | memoryview]:
+    """Frame ``event`` as a list of buffers, so block data is never copied into a new bytes."""
+    match event:
+        case ev.ReadData(request_id, data):
+            crc = _U32.pack(checksum(checksum_kind, data))
+            return [header(FrameType.READ_DATA, 4 + len(data), request_id) + crc, data]
+        case ev.Write(request_id, offset, data):
+            return [header(FrameType.WRITE, 8 + len(data), request_id) + _OFFSET.pack(offset), data]
+    kind, payload, request_id, flags = _encode_small(event)
+    return [header(kind, len(payload), request_id, flags) + payload]
+
+
+def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
+    match event:
+        case ev.Hello(vmin, vmax, max_request, checksums, software):
+            mask = sum(1 << c for c in checksums)
+            return FrameType.HELLO, _HELLO.pack(vmin, vmax, max_request, mask) + _string(
+                software
+            ), 0, 0
+        case ev.HelloReply(version, max_request, max_in_flight, checksum_kind, name):
+            body = _HELLO_REPLY.pack(version, max_request, max_in_flight, checksum_kind)
+            return FrameType.HELLO_REPLY, body + _string(name), 0, 0
+        case ev.Login(device_id, vdisk, pinned, redirected):
+            flags = (_LOGIN_PINNED if pinned else 0) | (_LOGIN_REDIRECTED if redirected else 0)
+            body = _LOGIN_HEAD.pack(flags) + _string(device_id) + _string(vdisk)
+            if pinned is not None:
+                body += _identity(pinned)
+            return FrameType.LOGIN, body, 0, 0
+        case ev.LoginOk(session, identity, block_size, mode, flags, name, address):
+            body = _LOGIN_OK_HEAD.pack(session, block_size, mode, flags)
+            body += _identity(identity) + _string(name) + _string(address)
+            return FrameType.LOGIN_OK, body, 0, 0
+        case ev.Redirect(name, address, reason):
+            return FrameType.REDIRECT, _string(name) + _string(address) + _string(reason), 0, 0
+        case ev.Read(request_id, offset, length):
+            return FrameType.READ, _READ.pack(offset, length), request_id, 0
+        case ev.Flush(request_id):
+            return FrameType.FLUSH, b"", request_id, 0
+        case ev.Done(request_id):
+            return FrameType.DONE, b"", request_id, 0
+        case ev.Error(request_id, code, message):
+            return FrameType.ERROR, _U32.pack(code) + _string(message), request_id, 0
+        case ev.Relogin(deadline_ms, reason):
+            return FrameType.RELOGIN, _U32.pack(deadline_ms) + _string(reason), 0, 0
+        case ev.Keepalive(token, reply):
+            return FrameType.KEEPALIVE, _U64.pack(token), 0, FLAG_REPLY if reply else 0
+        case ev.Goodbye(code, message):
+            return FrameType.GOODBYE, _U32.pack(code) + _string(message), 0, 0
+    raise TypeError(f"not an encodable event: {event!r}")
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def decode(
+    kind: FrameType, flags: int, request_id: int, payload: bytes | memoryview,
+    checksum_kind: ev.Checksum,
+) -> ev.Event:
+    """Turn one complete frame into an event; raise RemoteProtocolError on any defect."""
+    reader = _Reader(payload, kind.name)
+    event = _DECODERS[kind](reader, request_id, flags, checksum_kind)
+    reader.end()
+    return event
+
+
+def _hello(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    vmin, vmax, max_request, mask = r.unpack(_HELLO)
+    checksums = frozenset(c for c in ev.Checksum if mask & (1 << c))
+    return ev.Hello(vmin, vmax, max_request, checksums, r.string())
+
+
+def _hello_reply(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    version, max_request, max_in_flight, checksum_kind = r.unpack(_HELLO_REPLY)
+    try:
+        chosen = ev.Checksum(checksum_kind)
+    except ValueError:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "unknown checksum kind") from None
+    return ev.HelloReply(version, max_request, max_in_flight, chosen, r.string())
+
+
+def _login(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    (flags,) = r.unpack(_LOGIN_HEAD)
+    device_id, vdisk = r.string(), r.string()
+    pinned = r.identity() if flags & _LOGIN_PINNED else None
+    return ev.Login(device_id, vdisk, pinned, bool(flags & _LOGIN_REDIRECTED))
+
+
+def _login_ok(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    session, block_size, mode, flags = r.unpack(_LOGIN_OK_HEAD)
+    identity = r.identity()
+    return ev.LoginOk(
+        session, identity, block_size, mode, ev.LoginFlag(flags), r.string(), r.string()
+    )
+
+
+def _redirect(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    return ev.Redirect(r.string(), r.string(), r.string())
+
+
+def _read(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    offset, length = r.unpack(_READ)
+    return ev.Read(request_id, offset, length)
+
+
+def _read_data(r: _Reader, request_id: int, _flags: int, kind: ev.Checksum) -> ev.Event:
+    (expected,) = r.unpack(_U32)
+    data = r.rest()
+    if kind is not ev.Checksum.NONE and checksum(kind, data) != expected:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"READ_DATA {request_id}: checksum mismatch, data corrupted"
+        )
+    return ev.ReadData(request_id, data)
+
+
+def _write(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    (offset,) = r.unpack(_OFFSET)
+    return ev.Write(request_id, offset, r.rest())
+
+
+def _error(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    (code,) = r.unpack(_U32)
+    try:
+        known = ErrorCode(code)
+    except ValueError:
+        known = ErrorCode.INTERNAL
+    return ev.Error(request_id, known, r.string())
+
+
+def _relogin(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    (deadline_ms,) = r.unpack(_U32)
+    return ev.Relogin(deadline_ms, r.string())
+
+
+def _keepalive(r: _Reader, _id: int, flags: int, _c: ev.Checksum) -> ev.Event:
+    (token,) = r.unpack(_U64)
+    return ev.Keepalive(token, bool(flags & FLAG_REPLY))
+
+
+def _goodbye(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    (code,) = r.unpack(_U32)
+    return ev.Goodbye(code, r.string())
+
+
+_DECODERS: dict[FrameType, Callable[[_Reader, int, int, ev.Checksum], ev.Event]] = {
+    FrameType.HELLO: _hello,
+    FrameType.HELLO_REPLY: _hello_reply,
+    FrameType.LOGIN: _login,
+    FrameType.LOGIN_OK: _login_ok,
+    FrameType.REDIRECT: _redirect,
+    FrameType.READ: _read,
+    FrameType.READ_DATA: _read_data,
+    FrameType.WRITE: _write,
+    FrameType.FLUSH: lambda r, request_id, _f, _c: ev.Flush(request_id),
+    FrameType.DONE: lambda r, request_id, _f, _c: ev.Done(request_id),
+    FrameType.ERROR: _error,
+    FrameType.RELOGIN: _relogin,
+    FrameType.KEEPALIVE: _keepalive,
+    FrameType.GOODBYE: _goodbye,
+}
