@@ -18,6 +18,7 @@ The connection never reads a clock: timeouts belong to the I/O layer.
 from __future__ import annotations
 
 import enum
+import struct
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
@@ -52,7 +53,8 @@ _REPLIES = (ev.ReadData, ev.Done, ev.Error)
 
 
 def negotiate(
-    hello: ev.Hello, *, max_request: int, max_in_flight: int, server_name: str
+    hello: ev.Hello, *, max_request: int, max_in_flight: int, server_name: str,
+    checksum: bool = True,
 ) -> ev.HelloReply:
     """The server's answer to HELLO; raises ProtocolError(UNSUPPORTED_VERSION) if none fits."""
     if not hello.version_min <= wire.VERSION <= hello.version_max:
@@ -63,11 +65,11 @@ def negotiate(
         )
     if hello.max_request < 512:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "max_request below 512 bytes")
-    checksum = (
-        ev.Checksum.CRC32 if ev.Checksum.CRC32 in hello.checksums else ev.Checksum.NONE
-    )
+    chosen = ev.Checksum.NONE
+    if checksum and ev.Checksum.CRC32 in hello.checksums:
+        chosen = ev.Checksum.CRC32
     limit = min(hello.max_request, max_request, wire.MAX_REQUEST_LIMIT)
-    return ev.HelloReply(wire.VERSION, limit, max_in_flight, checksum, server_name)
+    return ev.HelloReply(wire.VERSION, limit, max_in_flight, chosen, server_name)
 
 
 class Connection:
@@ -80,6 +82,9 @@ class Connection:
         self.max_in_flight = 0
         self.checksum = ev.Checksum.NONE
         self._buffer = bytearray()
+        self.broken = False
+        """The peer broke the protocol: only GOODBYE may still be sent."""
+        self._login_redirected = False
         self._hello: ev.Hello | None = None
         self._login_pending = False
         # request id -> length expected back (READ) or -1 (WRITE, FLUSH)
@@ -98,10 +103,18 @@ class Connection:
         """Decode the next whole frame, or return NEED_DATA.
 
         The header is checked before its payload is waited for, so a peer announcing a huge
-        length is refused at once rather than buffered.
+        length is refused at once rather than buffered. After a breach nothing more is
+        decoded, and only GOODBYE may be sent.
         """
-        if self.phase is Phase.CLOSED:
+        if self.phase is Phase.CLOSED or self.broken:
             return ev.NEED_DATA
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self.broken = True
+            raise
+
+    def _next_event(self) -> ev.Event | ev.NeedData:
         if len(self._buffer) < wire.HEADER_SIZE:
             return ev.NEED_DATA
         magic, type_code, flags, length, request_id = wire.HEADER.unpack_from(self._buffer)
@@ -127,7 +140,8 @@ class Connection:
         end = wire.HEADER_SIZE + length
         if len(self._buffer) < end:
             return ev.NEED_DATA
-        payload = bytes(self._buffer[wire.HEADER_SIZE : end])
+        with memoryview(self._buffer) as view:  # slicing a bytearray would copy twice
+            payload = bytes(view[wire.HEADER_SIZE : end])
         del self._buffer[:end]
         event = wire.decode(kind, flags, request_id, payload, self.checksum)
         self._check_received(event)
@@ -135,7 +149,7 @@ class Connection:
 
     def _payload_limit(self, kind: wire.FrameType) -> int:
         if kind in _BLOCK_FRAMES and self.phase is Phase.STREAMING:
-            return self.max_request + 8
+            return self.max_request + (4 if kind is wire.FrameType.READ_DATA else 8)
         return wire.HANDSHAKE_MAX_PAYLOAD
 
     def _check_received(self, event: ev.Event) -> None:
@@ -150,9 +164,19 @@ class Connection:
         return b"".join(self.send_buffers(event))
 
     def send_buffers(self, event: ev.Event) -> list[bytes | bytearray | memoryview]:
-        """Like ``send`` but leaves block data as its own buffer, for ``writelines``."""
+        """Like ``send`` but leaves block data as its own buffer, for ``writelines``.
+
+        The event is encoded before the state moves on, so one that cannot be encoded (a
+        string past the limit, a number out of range) changes nothing.
+        """
+        try:
+            buffers = wire.encode(event, self.checksum)
+        except (ValueError, OverflowError, struct.error) as error:
+            raise LocalProtocolError(
+                ErrorCode.MALFORMED, f"cannot encode {type(event).__name__}: {error}"
+            ) from None
         self._apply(event, sending=True)
-        return wire.encode(event, self.checksum)
+        return buffers
 
     # -- the rules --------------------------------------------------------------------------
 
@@ -161,6 +185,8 @@ class Connection:
         sender = self.role if sending else _other(self.role)
         if self.phase is Phase.CLOSED:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is closed")
+        if self.broken and not isinstance(event, ev.Goodbye):
+            raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is broken: say GOODBYE")
         allowed = _SENDABLE[(sender, self.phase)]
         if not isinstance(event, allowed):
             raise LocalProtocolError(
@@ -181,9 +207,16 @@ class Connection:
                 if self._login_pending:
                     raise LocalProtocolError(ErrorCode.BAD_STATE, "LOGIN while one is pending")
                 self._login_pending = True
+                self._login_redirected = event.redirected
             case ev.LoginOk() | ev.Redirect() | ev.Error() if self.phase is Phase.LOGIN:
                 if not self._login_pending:
                     raise LocalProtocolError(ErrorCode.BAD_STATE, "login reply without LOGIN")
+                if isinstance(event, ev.Redirect) and self._login_redirected:
+                    raise LocalProtocolError(
+                        ErrorCode.BAD_STATE, "REDIRECT of a redirected LOGIN (a redirect loop)"
+                    )
+                if isinstance(event, ev.Error) and event.request_id != 0:
+                    raise LocalProtocolError(ErrorCode.MALFORMED, "login ERROR with a request id")
                 self._login_pending = False
                 if isinstance(event, ev.LoginOk):
                     self.phase = Phase.STREAMING
@@ -221,23 +254,28 @@ class Connection:
             )
         expected = -1
         if isinstance(request, ev.Read):
-            if not 0 < request.length <= self.max_request:
+            if request.length == 0:
+                raise LocalProtocolError(ErrorCode.MALFORMED, f"READ {rid} of zero bytes")
+            if request.length > self.max_request:
                 raise LocalProtocolError(
                     ErrorCode.TOO_LARGE,
                     f"READ {rid} length {request.length} outside 1..{self.max_request}",
                 )
             expected = request.length
-        elif isinstance(request, ev.Write) and not 0 < len(request.data) <= self.max_request:
-            raise LocalProtocolError(
-                ErrorCode.TOO_LARGE, f"WRITE {rid} length outside 1..{self.max_request}"
-            )
+        elif isinstance(request, ev.Write):
+            if len(request.data) == 0:
+                raise LocalProtocolError(ErrorCode.MALFORMED, f"WRITE {rid} of zero bytes")
+            if len(request.data) > self.max_request:
+                raise LocalProtocolError(
+                    ErrorCode.TOO_LARGE, f"WRITE {rid} longer than {self.max_request}"
+                )
         self._outstanding[rid] = expected
 
     def _close_request(self, reply: ev.ReadData | ev.Done | ev.Error) -> None:
         rid = reply.request_id
         if isinstance(reply, ev.Error) and rid == 0:
             return  # a connection-level error report; the GOODBYE that follows ends it
-        expected = self._outstanding.pop(rid, None)
+        expected = self._outstanding.get(rid)
         if expected is None:
             raise LocalProtocolError(ErrorCode.MALFORMED, f"reply to unknown request {rid}")
         if isinstance(reply, ev.ReadData) and len(reply.data) != expected:
@@ -247,6 +285,7 @@ class Connection:
             )
         if isinstance(reply, ev.Done) and expected != -1:
             raise LocalProtocolError(ErrorCode.MALFORMED, f"DONE for READ {rid}")
+        del self._outstanding[rid]
 
 
 def _other(role: Role) -> Role:

@@ -35,6 +35,8 @@ class ErrorCode(enum.IntEnum):
     TIMEOUT = 15
     NOT_ALLOWED = 16
     INTERNAL = 17
+    CHECKSUM = 18
+    """READ_DATA failed its checksum: the data was damaged on the way; the connection ends."""
 
     @property
     def retryable(self) -> bool:
@@ -51,6 +53,7 @@ _RETRYABLE = frozenset(
         ErrorCode.TIMEOUT,
         ErrorCode.IO_ERROR,
         ErrorCode.INTERNAL,
+        ErrorCode.CHECKSUM,
     }
 )
 

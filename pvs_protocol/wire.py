@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pvs_protocol import events as ev
 from pvs_protocol.errors import ErrorCode, RemoteProtocolError
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
+from pvs_protocol.modes import Mode
 
 MAGIC = 0x5056  # "PV"
 VERSION = 1
@@ -215,6 +216,10 @@ def _login(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
 
 def _login_ok(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
     session, block_size, mode, flags = r.unpack(_LOGIN_OK_HEAD)
+    try:
+        Mode.from_code(mode)
+    except ValueError:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, f"LOGIN_OK: unknown mode {mode}") from None
     identity = r.identity()
     return ev.LoginOk(
         session, identity, block_size, mode, ev.LoginFlag(flags), r.string(), r.string()
@@ -235,7 +240,7 @@ def _read_data(r: _Reader, request_id: int, _flags: int, kind: ev.Checksum) -> e
     data = r.rest()
     if kind is not ev.Checksum.NONE and checksum(kind, data) != expected:
         raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"READ_DATA {request_id}: checksum mismatch, data corrupted"
+            ErrorCode.CHECKSUM, f"READ_DATA {request_id}: checksum mismatch, data corrupted"
         )
     return ev.ReadData(request_id, data)
 

@@ -1,0 +1,525 @@
+"""One target-to-server connection: the asyncio adapter around the sans-IO ``Connection``.
+
+``StreamConnection`` owns the transport. Bytes arrive through ``BufferedProtocol`` into one
+reusable buffer (``StreamReader.readexactly`` of 1 MiB is ~5x slower, ANCHORS.md); each frame
+leaves in one ``write`` so a header never waits for its payload behind Nagle. Any number of
+callers may ``read`` at once: requests are pipelined up to the server's ``max_in_flight`` and
+each reply lands on its own future, whatever order the server answers in.
+
+When the connection ends for any reason (the server's GOODBYE, a reset, a protocol breach, our
+own ``close``) every waiter fails with one typed ``ClientError``; nothing is left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from pvs_protocol import events as ev
+from pvs_protocol import wire
+from pvs_protocol.connection import Connection, Phase, Role
+from pvs_protocol.errors import ErrorCode, ProtocolError
+from pvs_target.address import Address, parse_address
+
+SOFTWARE = "pvs-target/0.1"
+RECEIVE_CHUNK = 256 * 1024
+"""Size of the reusable receive buffer: one ``recv_into`` at most."""
+SOCKET_RECEIVE_BUFFER = 4 * 1024 * 1024
+"""SO_RCVBUF, set before connecting so the window scale fits; enough for 32 x 128 KiB."""
+_MAX_REQUEST_ID = (1 << 64) - 1
+
+Reply = bytes | bytearray | memoryview | None
+
+
+class ClientError(Exception):
+    """Base of every failure the target client reports; ``str()`` is a sentence for users."""
+
+
+class ConnectFailed(ClientError):
+    """No TCP connection could be made (refused, unreachable, no answer in time)."""
+
+    def __init__(self, server: str, reason: str) -> None:
+        super().__init__(f"cannot connect to {server}: {reason}")
+        self.server = server
+        self.reason = reason
+
+
+class ConnectionLost(ClientError):
+    """The connection ended before the reply came; the request may be retried elsewhere.
+
+    ``code`` is the error code of the GOODBYE or protocol breach that ended it, if any.
+    """
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ServerError(ClientError):
+    """The server answered a request with ERROR."""
+
+    def __init__(self, code: ErrorCode, message: str, *, request_id: int = 0) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    @property
+    def retryable(self) -> bool:
+        return self.code.retryable
+
+
+async def open_connection(
+    address: str | Address,
+    *,
+    timeout: float = 5.0,
+    receive_buffer: int | None = SOCKET_RECEIVE_BUFFER,
+    log: FilteringBoundLogger | None = None,
+) -> StreamConnection:
+    """Connect to ``address`` (``HOST:PORT``); raise ConnectFailed on any failure.
+
+    The socket is made here rather than by ``create_connection`` so that its options are set
+    before the SYN (a receive buffer set later cannot raise the negotiated window scale).
+    """
+    target = parse_address(address) if isinstance(address, str) else address
+    name = str(target)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            sock = await _connect_socket(loop, target, receive_buffer)
+            try:
+                transport, protocol = await loop.create_connection(
+                    lambda: StreamConnection(name, log=log), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
+            try:
+                # uvloop returns before connection_made has run (asyncio after): wait for it.
+                await protocol._made.wait()
+            except BaseException:
+                transport.abort()
+                raise
+    except TimeoutError:
+        raise ConnectFailed(name, f"no answer within {timeout:g} s") from None
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ConnectFailed(name, reason.lower()) from None
+    return protocol
+
+
+async def _connect_socket(
+    loop: asyncio.AbstractEventLoop, target: Address, receive_buffer: int | None
+) -> socket.socket:
+    infos = await loop.getaddrinfo(
+        target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    last_error: OSError = OSError(f"{target.host} has no address")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as error:
+            sock.close()
+            last_error = error
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last_error
+
+
+class StreamConnection(asyncio.BufferedProtocol):
+    """The target's side of one connection: handshake, pipelined requests, keepalive."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        log: FilteringBoundLogger | None = None,
+        receive_chunk: int = RECEIVE_CHUNK,
+    ) -> None:
+        self.server = server
+        """The address we connected to, ``HOST:PORT``."""
+        self._log: FilteringBoundLogger = (log or structlog.get_logger()).bind(server=server)
+        self._loop = asyncio.get_running_loop()
+        self._protocol = Connection(Role.CLIENT)
+        self._chunk = memoryview(bytearray(receive_chunk))
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[ev.Event] | None = None
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._made = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._failure: ClientError | None = None
+        self._last_id = 0
+        self._tokens = itertools.count(1)
+        self.hello_reply: ev.HelloReply | None = None
+        self.login_ok: ev.LoginOk | None = None
+        self.goodbye: ev.Goodbye | None = None
+        """The server's GOODBYE, if it sent one."""
+        self.relogin = asyncio.Event()
+        """Set when the server asks the target to log in elsewhere (see ``relogin_notice``)."""
+        self.relogin_notice: ev.Relogin | None = None
+        self.on_relogin: Callable[[ev.Relogin], None] | None = None
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def max_request(self) -> int:
+        return self._protocol.max_request
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._protocol.max_in_flight
+
+    @property
+    def checksum(self) -> ev.Checksum:
+        return self._protocol.checksum
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def failure(self) -> ClientError | None:
+        """Why the connection ended, once it has."""
+        return self._failure
+
+    @property
+    def is_open(self) -> bool:
+        return self._failure is None and self._transport is not None
+
+    # -- handshake --------------------------------------------------------------------------
+
+    async def hello(self, *, max_request: int = 1 << 20, checksum: bool = True) -> ev.HelloReply:
+        offered = frozenset({ev.Checksum.CRC32}) if checksum else frozenset()
+        hello = ev.Hello(wire.VERSION, wire.VERSION, max_request, offered, SOFTWARE)
+        reply = await self._exchange(hello)
+        if not isinstance(reply, ev.HelloReply):  # the state machine allows nothing else
+            raise ConnectionLost(f"{self.server} answered HELLO with {type(reply).__name__}")
+        self.hello_reply = reply
+        self._slots = asyncio.Semaphore(reply.max_in_flight)
+        self._log.debug(
+            "hello_ok", server_name=reply.server_name, max_request=reply.max_request,
+            max_in_flight=reply.max_in_flight, checksum=reply.checksum.name,
+        )
+        return reply
+
+    async def login(self, login: ev.Login) -> ev.LoginOk | ev.Redirect | ev.Error:
+        """Send one LOGIN and return the server's answer (ERROR leaves the connection open)."""
+        reply = await self._exchange(login)
+        if not isinstance(reply, ev.LoginOk | ev.Redirect | ev.Error):
+            raise ConnectionLost(f"{self.server} answered LOGIN with {type(reply).__name__}")
+        if isinstance(reply, ev.LoginOk):
+            self.login_ok = reply
+        return reply
+
+    async def _exchange(self, event: ev.Event) -> ev.Event:
+        self._raise_if_failed()
+        if self._waiter is not None:
+            raise RuntimeError("one handshake step at a time")
+        waiter: asyncio.Future[ev.Event] = self._loop.create_future()
+        self._waiter = waiter
+        try:
+            self._send(event)
+            return await waiter
+        finally:
+            self._waiter = None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; ``length`` at most ``max_request``."""
+        self._check_request(offset, length)
+        data = await self._request(lambda request_id: ev.Read(request_id, offset, length))
+        assert data is not None  # the state machine checked it is READ_DATA of that length
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` (a Standard Image server refuses with READ_ONLY)."""
+        self._check_request(offset, len(data))
+        await self._request(lambda request_id: ev.Write(request_id, offset, data))
+
+    async def flush(self) -> None:
+        await self._request(ev.Flush)
+
+    async def ping(self) -> float:
+        """Seconds for one KEEPALIVE round trip."""
+        self._raise_if_failed()
+        if self._protocol.phase is Phase.HELLO:
+            raise RuntimeError("ping before the HELLO exchange")
+        token = next(self._tokens)
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pings[token] = future
+        try:
+            start = time.perf_counter()  # uvloop's loop.time() has millisecond resolution
+            self._send(ev.Keepalive(token))
+            await future
+            return time.perf_counter() - start
+        finally:
+            self._pings.pop(token, None)
+
+    def _check_request(self, offset: int, length: int) -> None:
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        if self.max_request and not 0 < length <= self.max_request:
+            raise ValueError(f"request of {length} bytes outside 1..{self.max_request}")
+
+    async def _request(self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]) -> Reply:
+        self._check_streaming()
+        slots = self._slots
+        assert slots is not None  # set by hello(), which streaming requires
+        await slots.acquire()
+        # The slot is given back when the reply arrives (in _complete), not when this caller
+        # returns: a cancelled caller's request is still in flight at the server.
+        try:
+            while not self._writable.is_set():
+                await self._writable.wait()
+            self._check_streaming()
+            request_id = self._next_request_id()
+            buffers = self._protocol.send_buffers(build(request_id))
+        except BaseException:
+            slots.release()
+            raise
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._pending[request_id] = future
+        self._write(buffers)
+        return await future
+
+    def _next_request_id(self) -> int:
+        while True:
+            self._last_id = self._last_id % _MAX_REQUEST_ID + 1
+            if self._last_id not in self._pending:
+                return self._last_id
+
+    def _check_streaming(self) -> None:
+        self._raise_if_failed()
+        if self._protocol.phase is not Phase.STREAMING:
+            raise RuntimeError("requests need a successful login first")
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._transport is None:
+            raise RuntimeError("not connected")
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def close(self, code: int = 0, message: str = "") -> None:
+        """Say GOODBYE (if the connection is still up), close, and wait until it is closed."""
+        self._fail(
+            ConnectionLost(f"connection to {self.server} was closed by the target"),
+            goodbye=ev.Goodbye(code, message),
+        )
+        await self.wait_closed()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without GOODBYE."""
+        self._fail(ConnectionLost(f"connection to {self.server} was aborted by the target"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        if self._transport is not None:
+            await self._closed.wait()
+
+    async def __aenter__(self) -> StreamConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _fail(self, failure: ClientError, *, goodbye: ev.Goodbye | None = None) -> None:
+        """End the connection: tell the server why if we can, then fail every waiter."""
+        if self._failure is not None:
+            return
+        self._failure = failure
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if goodbye is not None and self._protocol.phase is not Phase.CLOSED:
+                with contextlib.suppress(ProtocolError, ValueError):  # then just close
+                    self._write(self._protocol.send_buffers(goodbye))
+            transport.close()  # still sends what is buffered, GOODBYE included
+        pending = list(self._pending.values())
+        self._pending.clear()
+        if self._slots is not None:
+            for _ in pending:
+                self._slots.release()  # wakes callers queued for a slot; they see the failure
+        waiters: list[asyncio.Future[Any]] = [*pending, *self._pings.values()]
+        if self._waiter is not None:
+            waiters.append(self._waiter)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(failure)
+        self._writable.set()
+
+    # -- asyncio.BufferedProtocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio only does this for sockets made with proto=IPPROTO_TCP (ANCHORS.md).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._made.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._chunk
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._protocol.receive_data(self._chunk[:nbytes])
+        try:
+            while self._failure is None:
+                event = self._protocol.next_event()
+                if isinstance(event, ev.NeedData):
+                    return
+                self._handle(event)
+        except ProtocolError as error:
+            self._log.warning("protocol_error", code=error.code.name, detail=error.message)
+            what = (
+                "does not speak the pvs protocol (is this pvsd's stream port?)"
+                if self._protocol.phase is Phase.HELLO
+                else "broke the protocol"
+            )
+            self._fail(
+                ConnectionLost(f"{self.server} {what}: {error}", code=error.code),
+                goodbye=ev.Goodbye(error.code, error.message),
+            )
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection to {self.server} lost: {exc}" if exc else (
+            f"{self.server} closed the connection"
+        )
+        self._fail(ConnectionLost(reason))
+        self._closed.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.ReadData(request_id, data):
+                self._complete(request_id, data)
+            case ev.Done(request_id):
+                self._complete(request_id, None)
+            case ev.Error(request_id, code, message) if request_id != 0:
+                if self._protocol.phase is Phase.LOGIN:
+                    self._deliver(event)  # a refused login, whatever id the server used
+                else:
+                    self._complete(request_id, ServerError(code, message, request_id=request_id))
+            case ev.Error(_, code, message):
+                if self._protocol.phase is Phase.LOGIN:
+                    self._deliver(event)
+                else:  # a connection-level report; the GOODBYE that follows ends it
+                    self._log.warning("server_error", code=code.name, detail=message)
+            case ev.Keepalive(token, reply):
+                if reply:
+                    future = self._pings.pop(token, None)
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                else:
+                    self._send(ev.Keepalive(token, reply=True))
+            case ev.Relogin():
+                self._relogin(event)
+            case ev.Goodbye(code, message):
+                self._goodbye(event)
+            case ev.HelloReply() | ev.LoginOk() | ev.Redirect():
+                self._deliver(event)
+            case _:  # the state machine lets no other frame reach a client
+                raise AssertionError(f"unexpected {event!r}")
+
+    def _complete(self, request_id: int, result: Reply | ServerError) -> None:
+        future = self._pending.pop(request_id, None)
+        if future is None:
+            return
+        assert self._slots is not None
+        self._slots.release()
+        if future.done():  # its caller was cancelled
+            return
+        if isinstance(result, ServerError):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def _deliver(self, event: ev.Event) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(event)
+        else:
+            self._log.debug("late_handshake_reply", frame=type(event).__name__)
+
+    def _relogin(self, notice: ev.Relogin) -> None:
+        self._log.warning("relogin_requested", deadline_ms=notice.deadline_ms, reason=notice.reason)
+        self.relogin_notice = notice
+        self.relogin.set()
+        if self.on_relogin is not None:
+            try:
+                self.on_relogin(notice)
+            except Exception:
+                self._log.exception("relogin_callback_failed")
+
+    def _goodbye(self, goodbye: ev.Goodbye) -> None:
+        self.goodbye = goodbye
+        try:
+            code: ErrorCode | None = ErrorCode(goodbye.code) if goodbye.code else None
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        if code is None:
+            self._log.info("server_goodbye", detail=goodbye.message)
+            message = f"{self.server} closed the connection"
+        else:
+            self._log.warning("server_goodbye", code=code.name, detail=goodbye.message)
+            message = f"{self.server} ended the connection: {code.name}"
+        if goodbye.message:
+            message += f": {goodbye.message}"
+        self._fail(ConnectionLost(message, code=code))
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send(self, event: ev.Event) -> None:
+        self._write(self._protocol.send_buffers(event))
+
+    def _write(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        transport = self._transport
+        assert transport is not None
+        if len(buffers) == 1:
+            transport.write(buffers[0])
+        else:
+            transport.writelines(buffers)
+
+
+__all__ = [
+    "ClientError",
+    "ConnectFailed",
+    "ConnectionLost",
+    "ServerError",
+    "StreamConnection",
+    "open_connection",
+]

@@ -1,0 +1,61 @@
+"""pvsd entry point: argv -> config -> run until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+
+from pvsd import config as config_module
+from pvsd.logs import configure
+from pvsd.server import StreamServer
+from pvsd.store import Catalog
+
+log = structlog.get_logger("pvsd")
+
+
+async def serve(config: config_module.Config) -> None:
+    catalog = Catalog(config.stores)
+    server = StreamServer(config, catalog)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with asyncio.TaskGroup() as group:
+        watcher = group.create_task(catalog.watch(config.watch_interval))
+        await server.start()
+        await stop.wait()
+        log.info("shutdown_requested")
+        await server.stop()
+        watcher.cancel()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_module.load(argv)
+    except config_module.ConfigError as error:
+        print(f"pvsd: {error}", file=sys.stderr)
+        return 2
+    configure(json=config.log_json, level=config.log_level, name=config.name)
+    try:
+        _run(serve(config))
+    except OSError as error:
+        log.error("cannot_start", error=str(error), hint="is the address in use or not local?")
+        return 1
+    return 0
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

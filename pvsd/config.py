@@ -1,0 +1,149 @@
+"""pvsd configuration: read once at the edge (TOML file, then flags), validated, frozen."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 6910
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names it and says what to write instead."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    stores: tuple[Path, ...] = ()
+    log_json: bool = False
+    log_level: str = "info"
+    max_request: int = 4 * 1024 * 1024
+    """Largest READ/WRITE a target may send; targets may ask for less."""
+    max_in_flight: int = 64
+    """Requests one target may have outstanding: bounds what a slow target makes us buffer."""
+    handshake_timeout: float = 5.0
+    """HELLO and LOGIN must complete within this many seconds."""
+    idle_timeout: float = 60.0
+    """A session that sends nothing (not even a keepalive) for this long is closed."""
+    watch_interval: float = 1.0
+    """How often each image is checked for changes (its identity is withdrawn at once)."""
+    drain_timeout: float = 10.0
+    """On SIGTERM, how long to wait for targets to leave before closing their connections."""
+
+    @property
+    def listen(self) -> str:
+        return format_address(self.listen_host, self.listen_port)
+
+
+def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, HOST or :PORT."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"address {text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"address {text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ConfigError(f"address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"address {text!r}: port must be 0..65535")
+    return host or "0.0.0.0", port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pvsd", description="pvs server: streams vDisks to targets."
+    )
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--name", help="server name (default: host name)")
+    parser.add_argument("--listen", help=f"HOST:PORT to serve targets on (default :{DEFAULT_PORT})")
+    parser.add_argument(
+        "--store", action="append", type=Path, help="vDisk store directory (repeatable)"
+    )
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--max-request", type=int, help="largest request in bytes")
+    parser.add_argument("--max-in-flight", type=int, help="outstanding requests per target")
+    parser.add_argument("--idle-timeout", type=float, help="seconds of silence before closing")
+    parser.add_argument("--handshake-timeout", type=float, help="seconds to complete HELLO+LOGIN")
+    parser.add_argument("--watch-interval", type=float, help="seconds between image change checks")
+    return parser
+
+
+def load(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(_read_file(args.config))
+    for key in (
+        "name", "log_json", "log_level", "max_request", "max_in_flight", "idle_timeout",
+        "handshake_timeout", "watch_interval",
+    ):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.listen is not None:
+        values["listen"] = args.listen
+    if args.store:
+        values["stores"] = [str(p) for p in args.store]
+    return from_mapping(values)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path}: not valid TOML: {error}") from None
+
+
+def from_mapping(values: dict[str, Any]) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)} | {"listen"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see docs/deploy.md")
+    values = dict(values)
+    if "listen" in values:
+        values["listen_host"], values["listen_port"] = parse_address(str(values.pop("listen")))
+    values["stores"] = tuple(Path(p) for p in values.get("stores", ()))
+    values.setdefault("name", socket.gethostname().split(".")[0])
+    try:
+        config = Config(**values)
+    except TypeError as error:
+        raise ConfigError(f"bad setting: {error}") from None
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if not config.stores:
+        raise ConfigError("no vDisk store: give --store DIR or stores = [...] in the config")
+    if not 4096 <= config.max_request <= 32 * 1024 * 1024:
+        raise ConfigError("max_request must be between 4096 and 33554432 bytes")
+    if not 1 <= config.max_in_flight <= 4096:
+        raise ConfigError("max_in_flight must be between 1 and 4096")
+    for key in ("handshake_timeout", "idle_timeout", "watch_interval", "drain_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive")
+    if not config.name or len(config.name) > 64:
+        raise ConfigError("name must be 1..64 characters")

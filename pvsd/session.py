@@ -1,0 +1,364 @@
+"""One target's connection to this server: handshake, login, then block requests.
+
+Reads are served on the event loop when the page cache has the data (``RWF_NOWAIT`` makes the
+kernel say so instead of blocking); only a read that would wait on the disk goes to a worker
+thread. A thread hop costs more than a cached 4 KiB read, so doing it for every request would
+cap small-read IOPS far below what the clients can ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import secrets
+import socket
+import time
+import typing
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import aiofiles.os
+import structlog
+
+from pvs_protocol import events as ev
+from pvs_protocol.connection import Connection, Phase, Role, negotiate
+from pvs_protocol.errors import ErrorCode, ProtocolError
+from pvs_protocol.identity import ReplicaIdentity
+from pvsd.names import InvalidName, validate_name
+
+if TYPE_CHECKING:
+    from pvsd.server import StreamServer
+    from pvsd.store import ImageFile, VDisk
+
+log = structlog.get_logger("pvsd.session")
+
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_preadv = aiofiles.os.wrap(os.preadv)
+_pwrite = aiofiles.os.wrap(os.pwrite)
+_fdatasync = aiofiles.os.wrap(os.fdatasync)
+
+
+class Session(asyncio.Protocol):
+    """Protocol handler for one target connection; owned and tracked by the StreamServer."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+        self.conn = Connection(Role.SERVER)
+        self.session_id = 0
+        self.device_id = ""
+        self.vdisk: VDisk | None = None
+        self.peer = ""
+        self.local_address = ""
+        self.since = time.time()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.last_heard = time.monotonic()
+        self.transport: asyncio.Transport | None = None
+        self._log = log
+        self._paused = False
+        self._pending: set[asyncio.Future[ev.Event]] = set()
+        self.identity: ReplicaIdentity | None = None
+        self.image: ImageFile | None = None
+        """Held for the whole session, so a replaced image's descriptor cannot be reused."""
+        self.write_fd: int | None = None
+        """Open only for the one writer of a Private Image vDisk."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.peer = _address(transport.get_extra_info("peername"))
+        self.local_address = _address(transport.get_extra_info("sockname"))
+        self._log = log.bind(peer=self.peer)
+        transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
+        self.server.register(self)
+        self._arm_timer(self.server.config.handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        self.conn.receive_data(data)
+        try:
+            while self.transport is not None and not self.transport.is_closing():
+                event = self.conn.next_event()
+                if event is ev.NEED_DATA:
+                    break
+                assert not isinstance(event, ev.NeedData)
+                self._handle(event)
+        except ProtocolError as error:
+            self._log.warning("protocol_error", code=error.code.name, error=error.message)
+            self.close(error.code, error.message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for future in self._pending:
+            future.cancel()
+        self.server.unregister(self)
+        if self.conn.phase is not Phase.CLOSED:
+            self._log.info(
+                "target_disconnected", reason=str(exc) if exc else "closed by target",
+                in_flight=self.conn.outstanding,
+            )
+        self.transport = None
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        # The target reads slower than we answer: stop taking requests until it catches up.
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def streaming(self) -> bool:
+        return self.conn.phase is Phase.STREAMING
+
+    def send(self, event: ev.Event) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        try:
+            self.transport.writelines(self.conn.send_buffers(event))
+        except ProtocolError as error:  # our own bug: say so loudly, and end this session only
+            self._log.error("internal_protocol_error", error=str(error))
+            self.transport.abort()
+
+    def close(self, code: int = 0, message: str = "") -> None:
+        """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
+        if self.transport is None:
+            return
+        if self.conn.phase is not Phase.CLOSED:
+            self.send(ev.Goodbye(code, message))
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.Read():
+                self._read(event)
+            case ev.Write():
+                self._write(event)
+            case ev.Flush():
+                self._flush(event)
+            case ev.Keepalive(token, reply=False):
+                self.send(ev.Keepalive(token, reply=True))
+            case ev.Keepalive():
+                pass
+            case ev.Hello():
+                config = self.server.config
+                self.send(
+                    negotiate(
+                        event, max_request=config.max_request,
+                        max_in_flight=config.max_in_flight, server_name=config.name,
+                    )
+                )
+            case ev.Login():
+                self._login(event)
+            case ev.Goodbye(code, message):
+                self._log.info("target_said_goodbye", code=code, message=message)
+                if self.transport is not None:
+                    self.transport.close()
+
+    def _login(self, login: ev.Login) -> None:
+        try:
+            validate_name(login.vdisk)
+        except InvalidName as error:
+            self._refuse(ErrorCode.BAD_NAME, str(error), login)
+            return
+        if not login.device_id or len(login.device_id) > 128:
+            self._refuse(ErrorCode.BAD_NAME, "device id must be 1..128 characters", login)
+            return
+        decision = self.server.place(login, self)
+        if isinstance(decision, ev.Error | ev.Redirect):
+            if isinstance(decision, ev.Error):
+                self._refuse(decision.code, decision.message, login)
+            else:
+                self._log.info(
+                    "login_redirected", device=login.device_id, vdisk=login.vdisk,
+                    to=decision.server_name, address=decision.address, reason=decision.reason,
+                )
+                self.send(decision)
+                assert self.transport is not None
+                self.transport.close()
+            return
+        vdisk, reply = decision
+        self.vdisk, self.device_id, self.session_id = vdisk, login.device_id, reply.session_id
+        self.identity = reply.identity
+        self.image = vdisk.file
+        self._log = self._log.bind(device=login.device_id, vdisk=vdisk.name)
+        self.send(reply)
+        self._arm_timer(self.server.config.idle_timeout)
+        self._log.info(
+            "target_logged_in", session=f"{reply.session_id:016x}",
+            identity=reply.identity.short, redirected=login.redirected,
+        )
+
+    def _refuse(self, code: ErrorCode, message: str, login: ev.Login) -> None:
+        self._log.warning(
+            "login_refused", device=login.device_id, vdisk=login.vdisk, code=code.name,
+            error=message,
+        )
+        self.send(ev.Error(0, code, message))
+
+    def _check_range(self, request_id: int, offset: int, length: int) -> ImageFile | None:
+        vdisk, image = self.vdisk, self.image
+        assert vdisk is not None and image is not None
+        if offset + length > vdisk.size:
+            self._request_error(
+                request_id, ErrorCode.OUT_OF_RANGE,
+                f"bytes {offset}..{offset + length} lie past the end of {vdisk.name} "
+                f"({vdisk.size} bytes)",
+            )
+            return None
+        if self.write_fd is None and vdisk.identity != self.identity:
+            self._request_error(
+                request_id, ErrorCode.NO_IDENTICAL_REPLICA,
+                f"replica of {vdisk.name} changed since login: log in again",
+            )
+            return None
+        return image
+
+    def _request_error(self, request_id: int, code: ErrorCode, message: str) -> None:
+        self._log.warning("request_refused", request=request_id, code=code.name, error=message)
+        self.send(ev.Error(request_id, code, message))
+
+    def _read(self, read: ev.Read) -> None:
+        image = self._check_range(read.request_id, read.offset, read.length)
+        if image is None:
+            return
+        buffer = bytearray(read.length)
+        try:
+            got = os.preadv(image.fd, [buffer], read.offset, _NOWAIT)
+        except BlockingIOError:
+            got = 0
+        except OSError as error:
+            self._io_failed(read.request_id, "read", error)
+            return
+        if got == read.length:
+            self.bytes_read += got
+            self.send(ev.ReadData(read.request_id, buffer))
+        else:
+            self._offload(read.request_id, "read", _read_rest(image, buffer, read, got))
+
+    def _write(self, write: ev.Write) -> None:
+        if self._check_range(write.request_id, write.offset, len(write.data)) is None:
+            return
+        if self.write_fd is None:
+            name = self.vdisk.name if self.vdisk else "?"
+            self._request_error(
+                write.request_id, ErrorCode.READ_ONLY,
+                f"{name} is a Standard Image: writes belong in the target's write cache",
+            )
+            return
+        self.bytes_written += len(write.data)
+        self._offload(write.request_id, "write", _write_all(self.write_fd, write))
+
+    def _flush(self, flush: ev.Flush) -> None:
+        if self.write_fd is None:
+            self.send(ev.Done(flush.request_id))  # nothing of ours is unwritten
+            return
+        self._offload(flush.request_id, "flush", _sync(self.write_fd, flush.request_id))
+
+    def _offload(self, request_id: int, what: str, work: Coroutine[Any, Any, ev.Event]) -> None:
+        """Run blocking file work in a worker thread; the session owns it until it ends."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(functools.partial(self._offload_done, request_id, what))
+
+    def _offload_done(self, request_id: int, what: str, task: asyncio.Future[ev.Event]) -> None:
+        self._pending.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, OSError):
+            self._io_failed(request_id, what, error)
+        elif error is not None:
+            self._log.error("internal_error", request=request_id, op=what, error=repr(error))
+            self.send(ev.Error(request_id, ErrorCode.INTERNAL, f"{what}: internal error"))
+        else:
+            reply = task.result()
+            if isinstance(reply, ev.ReadData):
+                self.bytes_read += len(reply.data)
+            self.send(reply)
+
+    def _io_failed(self, request_id: int, what: str, error: OSError) -> None:
+        vdisk_name = self.vdisk.name if self.vdisk else "?"
+        self._log.error(
+            "io_error", request=request_id, op=what, error=str(error),
+            hint=f"check the image of {vdisk_name} and the disk it lives on",
+        )
+        self.send(ev.Error(request_id, ErrorCode.IO_ERROR, f"{what} failed on the server: {error}"))
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _arm_timer(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self.conn.phase in (Phase.HELLO, Phase.LOGIN):
+            self._log.warning(
+                "handshake_timeout", seconds=self.server.config.handshake_timeout,
+                hint="the peer connected but did not complete HELLO and LOGIN",
+            )
+            self.close(ErrorCode.TIMEOUT, "handshake not completed in time")
+            return
+        idle = time.monotonic() - self.last_heard
+        limit = self.server.config.idle_timeout
+        if idle >= limit:
+            self._log.warning("idle_timeout", seconds=round(idle, 1))
+            self.close(ErrorCode.TIMEOUT, f"nothing received for {limit:.0f} s")
+        else:
+            self._arm_timer(limit - idle)
+
+
+def _address(name: object) -> str:
+    if isinstance(name, tuple) and len(name) >= 2:
+        host, port = str(name[0]), int(name[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(name)
+
+
+async def _read_rest(image: ImageFile, buffer: bytearray, read: ev.Read, got: int) -> ev.Event:
+    """Finish a read that would block, in a worker thread (aiofiles' way: the loop stays free)."""
+    view = memoryview(buffer)
+    while got < len(buffer):
+        count = await _preadv(image.fd, [view[got:]], read.offset + got)
+        if count == 0:
+            raise OSError(0, "image is shorter than its identity says (truncated while served?)")
+        got += count
+    return ev.ReadData(read.request_id, buffer)
+
+
+async def _write_all(fd: int, write: ev.Write) -> ev.Event:
+    view, done = memoryview(write.data), 0
+    while done < len(view):
+        done += await _pwrite(fd, view[done:], write.offset + done)
+    return ev.Done(write.request_id)
+
+
+async def _sync(fd: int, request_id: int) -> ev.Event:
+    await _fdatasync(fd)
+    return ev.Done(request_id)
+
+
+def new_session_id() -> int:
+    return secrets.randbits(63) | 1
