@@ -11,25 +11,40 @@ import structlog
 from pvsd import config as config_module
 from pvsd.logs import configure
 from pvsd.server import StreamServer
-from pvsd.store import Catalog
+from pvsd.admin import AdminServer
+from pvsd.site import Site
+from pvsd.store import Catalog, Store
 
 log = structlog.get_logger("pvsd")
 
 
 async def serve(config: config_module.Config) -> None:
-    catalog = Catalog(config.stores)
+    stores = [Store(path) for path in config.stores]
+    stores += [Store(path, shared=True) for path in config.shared_stores]
+    catalog = Catalog(stores)
     server = StreamServer(config, catalog)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with asyncio.TaskGroup() as group:
-        watcher = group.create_task(catalog.watch(config.watch_interval))
+        background = [group.create_task(catalog.watch(config.watch_interval))]
         await server.start()
+        if config.site_key:
+            site = Site(config, server.local_state, server.advertised)
+            server.site = site
+            catalog.on_change(lambda _name, _vdisk: site.inventory_changed())
+            background.append(group.create_task(site.run()))
+        admin = AdminServer(config, server)
+        if config.admin_host:
+            await admin.start()
         await stop.wait()
         log.info("shutdown_requested")
         await server.stop()
-        watcher.cancel()
+        await admin.close()
+        for task in background:
+            task.cancel()
+    catalog.close()
     log.info("stopped")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import socket
 import tomllib
 from pathlib import Path
@@ -35,11 +36,35 @@ class Config:
     watch_interval: float = 1.0
     """How often each image is checked for changes (its identity is withdrawn at once)."""
     drain_timeout: float = 10.0
-    """On SIGTERM, how long to wait for targets to leave before closing their connections."""
+    """On stop, how long targets get to log in elsewhere before their connections are closed."""
+    shared_stores: tuple[Path, ...] = ()
+    """Stores that several servers mount: their replicas are identical by construction."""
+    peers: tuple[str, ...] = ()
+    """Stream addresses (HOST:PORT) of the other servers of the site."""
+    site_key: bytes = dataclasses.field(default=b"", repr=False)
+    """Authenticates the coordination channel and the admin API (from key_file)."""
+    power: float = 1.0
+    """Power rating: a server rated 2 takes twice the targets of one rated 1."""
+    admin_host: str = ""
+    admin_port: int = 0
+    """The admin API (HTTP + JSON); empty host: none."""
+    advertise: str = ""
+    """The stream address peers and targets are told to use; defaults to the listen address."""
+    subnets: tuple[str, ...] = ()
+    """Networks this server is on, for subnet affinity; default: the listen address's /24."""
+    heartbeat_interval: float = 0.5
+    peer_timeout: float = 3.0
+    """A peer not heard from for this long is marked down (and no login goes to it)."""
+    inventory_interval: float = 5.0
+    """Replica inventory is re-sent this often (and at once on every change)."""
 
     @property
     def listen(self) -> str:
         return format_address(self.listen_host, self.listen_port)
+
+    @property
+    def admin(self) -> str:
+        return format_address(self.admin_host, self.admin_port) if self.admin_host else ""
 
 
 def parse_address(text: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -79,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--store", action="append", type=Path, help="vDisk store directory (repeatable)"
     )
+    parser.add_argument(
+        "--shared-store", action="append", type=Path, help="store shared by several servers"
+    )
+    parser.add_argument(
+        "--peer", action="append", help="stream HOST:PORT of another server of the site"
+    )
+    parser.add_argument("--key-file", type=Path, help="site key (make one: pvsctl site keygen)")
+    parser.add_argument("--power", type=float, help="power rating, 0.1 to 1000 (default 1)")
+    parser.add_argument("--admin", help="HOST:PORT of the admin API (default: listen port + 1)")
+    parser.add_argument("--advertise", help="stream HOST:PORT to tell peers and targets")
+    parser.add_argument("--subnet", action="append", help="CIDR this server is on (repeatable)")
+    parser.add_argument("--peer-timeout", type=float, help="seconds before a silent peer is down")
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds between heartbeats")
+    parser.add_argument("--drain-timeout", type=float, help="seconds targets get to move away")
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--max-request", type=int, help="largest request in bytes")
@@ -96,7 +135,8 @@ def load(argv: list[str] | None = None) -> Config:
         values.update(_read_file(args.config))
     for key in (
         "name", "log_json", "log_level", "max_request", "max_in_flight", "idle_timeout",
-        "handshake_timeout", "watch_interval",
+        "handshake_timeout", "watch_interval", "power", "admin", "advertise", "key_file",
+        "peer_timeout", "heartbeat_interval", "drain_timeout",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -104,6 +144,12 @@ def load(argv: list[str] | None = None) -> Config:
         values["listen"] = args.listen
     if args.store:
         values["stores"] = [str(p) for p in args.store]
+    if args.shared_store:
+        values["shared_stores"] = [str(p) for p in args.shared_store]
+    if args.peer:
+        values["peers"] = args.peer
+    if args.subnet:
+        values["subnets"] = args.subnet
     return from_mapping(values)
 
 
@@ -118,7 +164,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def from_mapping(values: dict[str, Any]) -> Config:
-    known = {f.name for f in dataclasses.fields(Config)} | {"listen"}
+    known = {f.name for f in dataclasses.fields(Config)} | {"listen", "admin", "key_file"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see docs/deploy.md")
@@ -126,7 +172,25 @@ def from_mapping(values: dict[str, Any]) -> Config:
     if "listen" in values:
         values["listen_host"], values["listen_port"] = parse_address(str(values.pop("listen")))
     values["stores"] = tuple(Path(p) for p in values.get("stores", ()))
+    values["shared_stores"] = tuple(Path(p) for p in values.get("shared_stores", ()))
+    values["peers"] = tuple(
+        format_address(*parse_address(str(p))) for p in values.get("peers", ())
+    )
+    values["subnets"] = tuple(str(n) for n in values.get("subnets", ()))
     values.setdefault("name", socket.gethostname().split(".")[0])
+    key_file = values.pop("key_file", None)
+    if key_file is not None:
+        values["site_key"] = read_key(Path(str(key_file)))
+    admin = values.pop("admin", None)
+    if admin is not None:
+        if str(admin) in ("", "off", "none"):
+            values["admin_host"], values["admin_port"] = "", 0
+        else:
+            values["admin_host"], values["admin_port"] = parse_address(str(admin))
+    elif values.get("site_key"):
+        port = int(values.get("listen_port", DEFAULT_PORT))
+        values["admin_host"] = values.get("listen_host", "0.0.0.0")
+        values["admin_port"] = port + 1 if port else 0
     try:
         config = Config(**values)
     except TypeError as error:
@@ -135,14 +199,47 @@ def from_mapping(values: dict[str, Any]) -> Config:
     return config
 
 
+def read_key(path: Path) -> bytes:
+    """A site key file holds at least 32 bytes of secret, as hex (what keygen writes) or raw."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"key file {path}: {error.strerror}") from None
+    text = raw.strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        key = raw
+    if len(key) < 32:
+        raise ConfigError(
+            f"key file {path}: needs at least 32 bytes of secret; make one with "
+            "'pvsctl site keygen > FILE' and copy it to every server of the site"
+        )
+    return key
+
+
 def _validate(config: Config) -> None:
-    if not config.stores:
+    if not config.stores and not config.shared_stores:
         raise ConfigError("no vDisk store: give --store DIR or stores = [...] in the config")
+    if config.peers and not config.site_key:
+        raise ConfigError(
+            "peers are configured but no site key: give --key-file FILE (pvsctl site keygen)"
+        )
+    if not 0.1 <= config.power <= 1000:
+        raise ConfigError("power must be between 0.1 and 1000")
+    for subnet in config.subnets:
+        try:
+            ipaddress.ip_network(subnet, strict=False)
+        except ValueError:
+            raise ConfigError(f"subnet {subnet!r} is not a network such as 10.1.0.0/24") from None
     if not 4096 <= config.max_request <= 32 * 1024 * 1024:
         raise ConfigError("max_request must be between 4096 and 33554432 bytes")
     if not 1 <= config.max_in_flight <= 4096:
         raise ConfigError("max_in_flight must be between 1 and 4096")
-    for key in ("handshake_timeout", "idle_timeout", "watch_interval", "drain_timeout"):
+    for key in (
+        "handshake_timeout", "idle_timeout", "watch_interval", "drain_timeout",
+        "heartbeat_interval", "peer_timeout", "inventory_interval",
+    ):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")
     if not config.name or len(config.name) > 64:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 
 import structlog
 
 from pvs_protocol import events as ev
+from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
+from pvs_protocol.modes import Mode
+from pvsd import balance
 from pvsd.config import Config
 from pvsd.session import Session, new_session_id
+from pvsd.site import LocalState, Site, replica_entry
 from pvsd.store import Catalog, VDisk
 
 log = structlog.get_logger("pvsd.server")
@@ -30,6 +35,10 @@ class StreamServer:
         self.sessions: set[Session] = set()
         self.address = config.listen
         self._server: asyncio.Server | None = None
+        self.site: Site | None = None
+        self._bytes_done = 0
+        self._rate = 0
+        self._rate_sample = (time.monotonic(), 0)
 
     async def start(self) -> None:
         """Listen; only once this returns is the service started."""
@@ -72,20 +81,40 @@ class StreamServer:
         self.sessions.add(session)
 
     def unregister(self, session: Session) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._bytes_done += session.bytes_read + session.bytes_written
 
-    def place(self, login: ev.Login, session: Session) -> ev.Error | ev.Redirect | tuple[
-        VDisk, ev.LoginOk
-    ]:
-        """Decide where a login streams: here, elsewhere (redirect) or nowhere (error)."""
+    def place(
+        self, login: ev.Login, session: Session
+    ) -> ev.Error | ev.Redirect | tuple[VDisk, ev.LoginOk]:
+        """Decide where a login streams: here, elsewhere (redirect) or nowhere (error).
+
+        A redirected login is served here or refused, never sent on: no loop can form.
+        """
         if self.state is not StreamState.SERVING:
             return ev.Error(0, ErrorCode.STOPPING, "this server is stopping: log in elsewhere")
+        if self.site is not None and not login.redirected:
+            choice = balance.choose(
+                self.site.view(), login.vdisk, me=self.config.name,
+                target_ip=session.peer_ip, pinned=login.pinned,
+            )
+            if isinstance(choice, balance.Refusal):
+                return ev.Error(0, choice.code, choice.message)
+            if choice.server != self.config.name:
+                self.site.note_placement(choice.server)
+                return ev.Redirect(choice.server, choice.address, "least busy server")
+        return self._accept_here(login, session)
+
+    def _accept_here(
+        self, login: ev.Login, session: Session
+    ) -> ev.Error | tuple[VDisk, ev.LoginOk]:
         vdisk = self.catalog.get(login.vdisk)
         if vdisk is None:
             return ev.Error(
                 0, ErrorCode.UNKNOWN_VDISK,
                 f"no vDisk named {login.vdisk!r} on {self.config.name}: check the name with "
-                "'pvsctl vdisk show'",
+                "'pvsctl vdisks'",
             )
         identity = vdisk.identity
         if identity is None:
@@ -101,11 +130,53 @@ class StreamServer:
                 "streamed before",
             )
         props = vdisk.properties
-        flags = ev.LoginFlag.READ_ONLY
-        if props.load_balancing and not props.maintenance:
+        flags = ev.LoginFlag.READ_ONLY if props.mode is Mode.standard else ev.LoginFlag(0)
+        if balance.failover_allowed(self.replica(vdisk)):
             flags |= ev.LoginFlag.FAILOVER
         return vdisk, ev.LoginOk(
             session_id=new_session_id(), identity=identity, block_size=props.block_size,
             mode=props.mode.code, flags=flags, server_name=self.config.name,
-            server_address=session.local_address or self.address,
+            server_address=self.advertised,
         )
+
+    # -- what the site sees of us -----------------------------------------------------------
+
+    @property
+    def advertised(self) -> str:
+        return self.config.advertise or self.address
+
+    def replica(self, vdisk: VDisk) -> balance.Replica:
+        props = vdisk.properties
+        return balance.Replica(
+            identity=vdisk.identity, mode=props.mode, maintenance=props.maintenance,
+            load_balancing=props.load_balancing, fixed_server=props.fixed_server,
+            affinity=props.subnet_affinity, shared=vdisk.store.shared,
+        )
+
+    def local_state(self) -> LocalState:
+        now = time.monotonic()
+        total = self._bytes_done + sum(s.bytes_read + s.bytes_written for s in self.sessions)
+        elapsed = now - self._rate_sample[0]
+        if elapsed >= 1.0:
+            self._rate = int((total - self._rate_sample[1]) / elapsed)
+            self._rate_sample = (now, total)
+        replicas = {}
+        for name, vdisk in self.catalog.items():
+            r = self.replica(vdisk)
+            replicas[name] = replica_entry(
+                name, r.identity, mode=r.mode, maintenance=r.maintenance,
+                load_balancing=r.load_balancing, fixed_server=r.fixed_server,
+                affinity=r.affinity, shared=r.shared,
+            )
+        return LocalState(
+            serving=_SITE_STATE[self.state],
+            targets=sum(1 for s in self.sessions if s.streaming),
+            bytes_per_second=self._rate, replicas=replicas,
+        )
+
+
+_SITE_STATE = {
+    StreamState.SERVING: ServerState.SERVING,
+    StreamState.STOPPING: ServerState.STOPPING,
+    StreamState.STOPPED: ServerState.STOPPED,
+}

@@ -49,6 +49,7 @@ class Session(asyncio.Protocol):
         self.device_id = ""
         self.vdisk: VDisk | None = None
         self.peer = ""
+        self.peer_ip = ""
         self.local_address = ""
         self.since = time.time()
         self.bytes_read = 0
@@ -74,10 +75,12 @@ class Session(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self.peer = _address(transport.get_extra_info("peername"))
+        peername = transport.get_extra_info("peername")
+        self.peer = _address(peername)
+        self.peer_ip = str(peername[0]) if isinstance(peername, tuple) else ""
         self.local_address = _address(transport.get_extra_info("sockname"))
         self._log = log.bind(peer=self.peer)
-        transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
+        self.transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
         self.server.register(self)
         self._arm_timer(self.server.config.handshake_timeout)
 
