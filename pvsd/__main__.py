@@ -9,9 +9,9 @@ import sys
 import structlog
 
 from pvsd import config as config_module
+from pvsd.admin import AdminServer
 from pvsd.logs import configure
 from pvsd.server import StreamServer
-from pvsd.admin import AdminServer
 from pvsd.site import Site
 from pvsd.store import Catalog, Store
 

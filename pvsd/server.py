@@ -13,7 +13,7 @@ from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
 from pvsd import balance
-from pvsd.config import Config
+from pvsd.config import Config, format_address
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry
 from pvsd.store import Catalog, VDisk
@@ -35,6 +35,8 @@ class StreamServer:
         self.sessions: set[Session] = set()
         self.address = config.listen
         self._server: asyncio.Server | None = None
+        self._bound_port = 0
+        self.catalog_paths = [*config.stores, *config.shared_stores]
         self.site: Site | None = None
         self._bytes_done = 0
         self._rate = 0
@@ -43,39 +45,75 @@ class StreamServer:
     async def start(self) -> None:
         """Listen; only once this returns is the service started."""
         loop = asyncio.get_running_loop()
+        host, port = self.config.listen_host, self.config.listen_port
+        if self._bound_port:  # a restart keeps the port it had (listen port 0 in tests)
+            port = self._bound_port
         self._server = await loop.create_server(
-            lambda: Session(self), self.config.listen_host, self.config.listen_port,
-            reuse_address=True, backlog=1024,
+            lambda: Session(self), host, port, reuse_address=True, backlog=1024
         )
         sockname = self._server.sockets[0].getsockname()
-        host, port = sockname[0], sockname[1]
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._bound_port = sockname[1]
+        self.address = format_address(sockname[0], sockname[1])
         self.state = StreamState.SERVING
-        log.info("listening", address=self.address, stores=[str(s) for s in self.config.stores])
+        self._announce()
+        log.info("listening", address=self.address, stores=[str(s) for s in self.catalog_paths])
 
-    async def stop(self) -> None:
-        """Stop taking targets, say goodbye to each, and wait (bounded) for them to go."""
-        if self._server is None:
+    async def start_stream(self) -> None:
+        """Bring a stopped stream service back (pvsctl start-stream)."""
+        if self.state is StreamState.STOPPED:
+            await self.start()
+            log.info("stream_service_started")
+
+    async def stop_stream(self) -> None:
+        """Move every target elsewhere, then stop: the documented way to empty a server.
+
+        No new logins; each streaming target gets a RELOGIN notice and keeps being served
+        while it logs in elsewhere, so its reads never wait. Whoever has not left by the
+        drain deadline is told GOODBYE and disconnected.
+        """
+        if self.state is not StreamState.SERVING or self._server is None:
             return
         self.state = StreamState.STOPPING
         self._server.close()
-        log.info("stream_service_stopping", targets=len(self.sessions))
+        self._announce()
+        deadline = self.config.drain_timeout
+        streaming = [s for s in self.sessions if s.streaming]
+        log.info("stream_service_stopping", targets=len(streaming), drain_seconds=deadline)
         for session in list(self.sessions):
-            session.close(ErrorCode.STOPPING, "server is stopping its stream service")
+            if session.streaming:
+                session.send(ev.Relogin(int(deadline * 1000), f"{self.config.name} is stopping"))
+            else:
+                session.close(ErrorCode.STOPPING, "server is stopping its stream service")
         waits = [session.wait_closed() for session in list(self.sessions)]
         if waits:
             try:
-                async with asyncio.timeout(self.config.drain_timeout):
+                async with asyncio.timeout(deadline):
                     await asyncio.gather(*waits)
             except TimeoutError:
+                stragglers = list(self.sessions)
+                log.warning(
+                    "drain_timeout", targets=len(stragglers),
+                    hint="these targets did not log in elsewhere in time; closing them",
+                )
+                for session in stragglers:
+                    session.close(ErrorCode.STOPPING, "drain deadline passed")
+                await asyncio.sleep(0.2)
                 for session in list(self.sessions):
                     if session.transport is not None:
                         session.transport.abort()
-                log.warning("drain_timeout", aborted=len(self.sessions))
         await self._server.wait_closed()
         self._server = None
         self.state = StreamState.STOPPED
+        self._announce()
         log.info("stream_service_stopped")
+
+    async def stop(self) -> None:
+        """SIGTERM: the same orderly move of targets as stop-stream."""
+        await self.stop_stream()
+
+    def _announce(self) -> None:
+        if self.site is not None:
+            self.site.announce()
 
     def register(self, session: Session) -> None:
         self.sessions.add(session)

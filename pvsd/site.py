@@ -94,6 +94,11 @@ class Site(asyncio.DatagramProtocol):
         finally:
             self._transport.close()
 
+    def announce(self) -> None:
+        """Our state changed (stopping, stopped, serving): tell the peers now, not next tick."""
+        if self._transport is not None:
+            self._tick(time.monotonic())
+
     def inventory_changed(self) -> None:
         """Called when a replica appears, goes, or changes identity: tell the peers at once."""
         self._inventory_due = 0.0
