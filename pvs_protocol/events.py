@@ -56,6 +56,9 @@ class Login:
     redirected: bool = False
     """Set when a login server sent the target here: this server must serve or refuse, never
     redirect again. That is what makes a redirect loop impossible."""
+    avoid: str = ""
+    """Name of a server the target just lost (crashed or cut off): the login server must not
+    send it there, even before the site has noticed that the server is gone."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -57,6 +57,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _LOGIN_PINNED = 0x01
 _LOGIN_REDIRECTED = 0x02
+_LOGIN_AVOID = 0x04
 
 
 class _Reader:
@@ -149,11 +150,17 @@ def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
         case ev.HelloReply(version, max_request, max_in_flight, checksum_kind, name):
             body = _HELLO_REPLY.pack(version, max_request, max_in_flight, checksum_kind)
             return FrameType.HELLO_REPLY, body + _string(name), 0, 0
-        case ev.Login(device_id, vdisk, pinned, redirected):
-            flags = (_LOGIN_PINNED if pinned else 0) | (_LOGIN_REDIRECTED if redirected else 0)
+        case ev.Login(device_id, vdisk, pinned, redirected, avoid):
+            flags = (
+                (_LOGIN_PINNED if pinned else 0)
+                | (_LOGIN_REDIRECTED if redirected else 0)
+                | (_LOGIN_AVOID if avoid else 0)
+            )
             body = _LOGIN_HEAD.pack(flags) + _string(device_id) + _string(vdisk)
             if pinned is not None:
                 body += _identity(pinned)
+            if avoid:
+                body += _string(avoid)
             return FrameType.LOGIN, body, 0, 0
         case ev.LoginOk(session, identity, block_size, mode, flags, name, address):
             body = _LOGIN_OK_HEAD.pack(session, block_size, mode, flags)
@@ -211,7 +218,8 @@ def _login(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
     (flags,) = r.unpack(_LOGIN_HEAD)
     device_id, vdisk = r.string(), r.string()
     pinned = r.identity() if flags & _LOGIN_PINNED else None
-    return ev.Login(device_id, vdisk, pinned, bool(flags & _LOGIN_REDIRECTED))
+    avoid = r.string() if flags & _LOGIN_AVOID else ""
+    return ev.Login(device_id, vdisk, pinned, bool(flags & _LOGIN_REDIRECTED), avoid)
 
 
 def _login_ok(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:

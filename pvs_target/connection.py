@@ -180,6 +180,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         """Set when the server asks the target to log in elsewhere (see ``relogin_notice``)."""
         self.relogin_notice: ev.Relogin | None = None
         self.on_relogin: Callable[[ev.Relogin], None] | None = None
+        self.last_heard = self._loop.time()
+        """When a byte last arrived: the failover layer declares a silent server gone."""
 
     # -- state ------------------------------------------------------------------------------
 
@@ -277,6 +279,11 @@ class StreamConnection(asyncio.BufferedProtocol):
             return time.perf_counter() - start
         finally:
             self._pings.pop(token, None)
+
+    def nudge(self) -> None:
+        """Send a KEEPALIVE without waiting: its answer (or silence) shows in ``last_heard``."""
+        if self.is_open and self._protocol.phase is not Phase.HELLO:
+            self._send(ev.Keepalive(next(self._tokens)))
 
     def _check_request(self, offset: int, length: int) -> None:
         if offset < 0:
@@ -387,6 +394,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         return self._chunk
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_heard = self._loop.time()
         self._protocol.receive_data(self._chunk[:nbytes])
         try:
             while self._failure is None:

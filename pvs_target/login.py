@@ -98,8 +98,15 @@ async def login(
     checksum: bool = True,
     connect_timeout: float = 5.0,
     log: FilteringBoundLogger | None = None,
+    avoid: str = "",
+    direct: bool = False,
 ) -> Session:
-    """Log in to the first server in ``servers`` that will stream ``vdisk``; raise LoginError."""
+    """Log in to the first server in ``servers`` that will stream ``vdisk``; raise LoginError.
+
+    ``avoid`` names a server the target just lost, so that no login server sends it back
+    there; ``direct`` asks each server to serve the target itself (never redirect), for
+    vDisks that one fixed server provides.
+    """
     log = (log or structlog.get_logger()).bind(vdisk=vdisk, device_id=device_id)
     if not servers:
         raise LoginError(None, "no server given: name at least one with --server HOST:PORT", "")
@@ -107,7 +114,9 @@ async def login(
     last_code: ErrorCode | None = None
     for server in servers:
         parse_address(server)  # a malformed address is the user's error: report it as such
-        attempt = _Attempt(vdisk, device_id, pinned, max_request, checksum, connect_timeout, log)
+        attempt = _Attempt(
+            vdisk, device_id, pinned, max_request, checksum, connect_timeout, log, avoid, direct
+        )
         try:
             return await attempt.run(server)
         except _Refused as refusal:
@@ -149,9 +158,11 @@ class _Attempt:
     checksum: bool
     timeout: float
     log: FilteringBoundLogger
+    avoid: str = ""
+    direct: bool = False
 
     async def run(self, server: str) -> Session:
-        reply = await self._login_at(server, redirected=False)
+        reply = await self._login_at(server, redirected=self.direct)
         if not isinstance(reply, ev.Redirect):
             return await self._session(*reply, server, redirected=False)
         target = reply.address
@@ -179,7 +190,9 @@ class _Attempt:
         try:
             async with asyncio.timeout(self.timeout):
                 await connection.hello(max_request=self.max_request, checksum=self.checksum)
-                login = ev.Login(self.device_id, self.vdisk, self.pinned, redirected)
+                login = ev.Login(
+                    self.device_id, self.vdisk, self.pinned, redirected, self.avoid
+                )
                 reply = await connection.login(login)
         except TimeoutError:
             await connection.close(ErrorCode.TIMEOUT, "no answer to login")

@@ -7,7 +7,8 @@ The rules, in the order they apply:
    A new target goes to the replica set an administrator most likely means: the highest
    version, then the one most servers hold, then the newest timestamp.
 4. Subnet affinity: best effort prefers servers on the target's subnet; fixed allows only them.
-5. Least busy wins: targets divided by power rating; ties go to the login server itself (saves
+5. A server the target names as just lost is skipped (unless it is the only one allowed).
+6. Least busy wins: targets divided by power rating; ties go to the login server itself (saves
    the target a redirect), then by name, so every server decides the same way.
 """
 
@@ -93,6 +94,7 @@ def choose(
     me: str,
     target_ip: str | None = None,
     pinned: ReplicaIdentity | None = None,
+    avoid: str = "",
 ) -> Placement | Refusal:
     settings = settings_for(servers, vdisk, me)
     if settings is None:
@@ -102,6 +104,7 @@ def choose(
     ready = [
         s for s in servers
         if s.serving and vdisk in s.replicas and s.replicas[vdisk].identity is not None
+        and (s.name != avoid or not settings.load_balancing)
     ]
     if not settings.load_balancing:
         ready = [s for s in ready if s.name == settings.fixed_server]

@@ -135,7 +135,7 @@ class StreamServer:
         if self.site is not None and not login.redirected:
             choice = balance.choose(
                 self.site.view(), login.vdisk, me=self.config.name,
-                target_ip=session.peer_ip, pinned=login.pinned,
+                target_ip=session.peer_ip, pinned=login.pinned, avoid=login.avoid,
             )
             if isinstance(choice, balance.Refusal):
                 return ev.Error(0, choice.code, choice.message)

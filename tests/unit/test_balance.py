@@ -138,3 +138,10 @@ def test_failover_rules() -> None:
     assert not failover_allowed(Replica(A, maintenance=True))
     assert not failover_allowed(Replica(A, mode=Mode.private))
     assert failover_allowed(Replica(A, mode=Mode.private, shared=True))
+
+
+def test_avoided_server_is_skipped_unless_it_is_the_fixed_one() -> None:
+    site = [server("s1"), server("s2", targets=5)]
+    assert placed(choose(site, "disk", me="s1", avoid="s1")) == "s2"
+    off = {"load_balancing": False, "fixed_server": "s1"}
+    assert placed(choose([server("s1", **off)], "disk", me="s2", avoid="s1")) == "s1"

@@ -1,0 +1,454 @@
+"""A vDisk stream that survives its server: relogin on notice, failover on loss, retry.
+
+Whoever reads through a ``VDiskStream`` never sees a server go away. Three paths lead to a new
+session, all ending in a login pinned to the identity the target streamed first, so the bytes
+can never change under it:
+- Planned: the server sends RELOGIN. The target logs in elsewhere while the old server goes on
+  answering, switches new requests over, and leaves the old one once its replies are in. No
+  read waits.
+- Unplanned: the connection breaks, or the server falls silent for ``dead_after`` seconds (we
+  send a KEEPALIVE every ``keepalive_interval`` when nothing else flows). Every read in flight
+  is retried on the next session; reads are idempotent, so nothing is lost or doubled.
+- No failover (load balancing off, Private Image on local storage, maintenance): the target
+  waits for its one server and retries with backoff; status says why.
+With ``give_up_after`` > 0, reads fail with a clear error after that long without a server;
+the default (0) waits for ever, because a machine would rather hang than crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from pvs_protocol import events as ev
+from pvs_protocol.errors import ErrorCode
+from pvs_protocol.identity import ReplicaIdentity
+from pvs_protocol.modes import Mode
+from pvs_target.connection import ClientError, ConnectionLost, ServerError
+from pvs_target.login import LoginError, Session, login
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailoverSettings:
+    keepalive_interval: float = 0.5
+    """Send a KEEPALIVE after this long without traffic."""
+    dead_after: float = 1.5
+    """A server silent this long (no reply, no keepalive answer) is gone: fail over."""
+    connect_timeout: float = 1.0
+    """Per login attempt: a server that does not answer quickly is skipped."""
+    retry_min: float = 0.05
+    retry_max: float = 2.0
+    give_up_after: float = 0.0
+    """Seconds without any server before reads fail; 0 waits for ever."""
+    max_request: int = 1 << 20
+    checksum: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailoverRecord:
+    at: float
+    """Wall-clock time the old server was lost or asked us to move."""
+    from_server: str
+    from_address: str
+    to_server: str
+    to_address: str
+    reason: str
+    took_ms: float
+    """From losing the old session to having the new one."""
+    longest_wait_ms: float = 0.0
+    """The longest any read waited because of this failover."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)),
+            "from": {"name": self.from_server, "address": self.from_address},
+            "to": {"name": self.to_server, "address": self.to_address},
+            "reason": self.reason,
+            "took_ms": round(self.took_ms, 1),
+            "longest_wait_ms": round(self.longest_wait_ms, 1),
+        }
+
+
+class GaveUp(ClientError):
+    """No server for longer than ``give_up_after``: the read fails instead of waiting on."""
+
+
+class VDiskStream:
+    def __init__(
+        self,
+        servers: list[str],
+        vdisk: str,
+        device_id: str,
+        *,
+        settings: FailoverSettings | None = None,
+        log: FilteringBoundLogger | None = None,
+    ) -> None:
+        self.bootstrap = list(servers)
+        self.vdisk = vdisk
+        self.device_id = device_id
+        self.settings = settings or FailoverSettings()
+        self.log = (log or structlog.get_logger("pvs_target")).bind(vdisk=vdisk)
+        self.session: Session | None = None
+        self.identity: ReplicaIdentity | None = None
+        self.history: list[FailoverRecord] = []
+        self.known_servers: list[str] = list(servers)
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.requests = 0
+        self.retried = 0
+        self.longest_wait_ms = 0.0
+        self.waiting_reason = ""
+        self.state = "starting"
+        self._ready = asyncio.Event()
+        self._gave_up: GaveUp | None = None
+        self._lost_at = 0.0
+        self._lost_wall = 0.0
+        self._lost_from: Session | None = None
+        self._lost_reason = ""
+        self._event_wait_ms = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Log in for the first time (retrying like a failover), then watch the server."""
+        self._lost_at = time.monotonic()
+        await self._reconnect(None)
+        self._own(self._monitor())
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+        self.state = "closed"
+
+    # -- what the stream is -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        assert self.identity is not None, "open() first"
+        return self.identity.size
+
+    @property
+    def block_size(self) -> int:
+        assert self.session is not None, "open() first"
+        return self.session.block_size
+
+    @property
+    def read_only(self) -> bool:
+        assert self.session is not None, "open() first"
+        return self.session.read_only
+
+    @property
+    def mode(self) -> Mode:
+        assert self.session is not None, "open() first"
+        return Mode.from_code(self.session.mode)
+
+    @property
+    def failover_allowed(self) -> bool:
+        return self.session is not None and ev.LoginFlag.FAILOVER in self.session.flags
+
+    @property
+    def max_request(self) -> int:
+        return self.session.max_request if self.session else self.settings.max_request
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read any range; long ones are split into requests the server accepts, in parallel."""
+        step = self.max_request
+        if length <= step:
+            data = await self._retrying(lambda s: s.connection.read(offset, length))
+            self.bytes_read += length
+            return data
+        ends = range(offset, offset + length, step)
+        parts = await asyncio.gather(
+            *(self.read(at, min(step, offset + length - at)) for at in ends)
+        )
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        step = self.max_request
+        view = memoryview(data)
+        starts = range(0, len(view), step)
+        await asyncio.gather(*(self._write_part(offset + i, view[i : i + step]) for i in starts))
+        self.bytes_written += len(view)
+
+    async def _write_part(self, offset: int, data: memoryview) -> None:
+        await self._retrying(lambda s: s.connection.write(offset, data))
+
+    async def flush(self) -> None:
+        await self._retrying(lambda s: s.connection.flush())
+
+    async def _retrying(self, request: Callable[[Session], Awaitable[T]]) -> T:
+        """Run ``request`` on the current session; on loss, wait for the next one and retry."""
+        self.requests += 1
+        first_failure = 0.0
+        while True:
+            session = await self._current()
+            try:
+                result = await request(session)
+            except ServerError as error:
+                if not error.retryable:
+                    raise
+                self._lost(session, f"server error {error.code.name}: {error.message}")
+            except ConnectionLost as error:
+                self._lost(session, str(error))
+            else:
+                if first_failure:
+                    self._note_wait(time.monotonic() - first_failure)
+                return result
+            if not first_failure:
+                first_failure = time.monotonic()
+                self.retried += 1
+
+    async def _current(self) -> Session:
+        while True:
+            if self._gave_up is not None:
+                raise self._gave_up
+            session = self.session
+            if session is not None and session.connection.is_open:
+                return session
+            if session is not None:
+                self._lost(session, str(session.connection.failure or "connection closed"))
+            await self._ready.wait()
+
+    def _note_wait(self, seconds: float) -> None:
+        ms = seconds * 1000
+        self.longest_wait_ms = max(self.longest_wait_ms, ms)
+        self._event_wait_ms = max(self._event_wait_ms, ms)
+        if self.history and self.history[-1].longest_wait_ms < ms:
+            self.history[-1] = dataclasses.replace(self.history[-1], longest_wait_ms=ms)
+
+    # -- losing and finding servers -----------------------------------------------------------
+
+    def _lost(self, session: Session, reason: str) -> None:
+        """The session broke: drop it (once) and start looking for the next one."""
+        if self.session is not session or self._closing:
+            return
+        self.session = None
+        self._ready.clear()
+        self._lost_at, self._lost_wall = time.monotonic(), time.time()
+        self._lost_from, self._lost_reason = session, reason
+        self._event_wait_ms = 0.0
+        self.state = "failing over" if self.failover_allowed_for(session) else "waiting"
+        self.log.warning(
+            "server_lost",
+            server=session.server_name,
+            address=session.connected_to,
+            reason=reason,
+            in_flight=session.connection.in_flight,
+        )
+        session.connection.abort()  # every read still on it fails now and is retried
+        self._own(self._reconnect(session))
+
+    @staticmethod
+    def failover_allowed_for(session: Session) -> bool:
+        return ev.LoginFlag.FAILOVER in session.flags
+
+    async def _reconnect(self, old: Session | None) -> None:
+        """Log in again, pinned to our identity, until it works (or we give up)."""
+        delay = self.settings.retry_min
+        started = time.monotonic()
+        while not self._closing:
+            servers, avoid, direct = self._plan(old)
+            try:
+                session = await login(
+                    servers,
+                    self.vdisk,
+                    self.device_id,
+                    pinned=self.identity,
+                    max_request=self.settings.max_request,
+                    checksum=self.settings.checksum,
+                    connect_timeout=self.settings.connect_timeout,
+                    log=self.log,
+                    avoid=avoid,
+                    direct=direct,
+                )
+            except LoginError as error:
+                if old is None and not error.retryable:
+                    raise  # a first login to an unknown vDisk: nothing to wait for
+                self.waiting_reason = self._why_waiting(old, error)
+                waited = time.monotonic() - started
+                give_up = self.settings.give_up_after
+                if give_up and waited >= give_up:
+                    self._gave_up = GaveUp(
+                        f"no server could stream {self.vdisk} for {waited:.0f} s "
+                        f"({self.waiting_reason}); reads fail from now on"
+                    )
+                    self.state = "gave up"
+                    self.log.error("gave_up", seconds=round(waited), reason=self.waiting_reason)
+                    self._ready.set()
+                    return
+                self.log.warning("relogin_failed", retry_in=round(delay, 2), error=error.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max)
+                continue
+            self._install(session, old)
+            return
+
+    def _plan(self, old: Session | None) -> tuple[list[str], str, bool]:
+        """Where to log in: the site (not the lost server) when failover is allowed, else
+        straight back to the one server that provides the vDisk."""
+        if old is None:
+            return self.bootstrap, "", False
+        if not self.failover_allowed_for(old):
+            return [old.connected_to], "", True
+        others = [s for s in self.known_servers if s != old.connected_to]
+        return [*others, old.connected_to], old.server_name, False
+
+    def _why_waiting(self, old: Session | None, error: LoginError) -> str:
+        if old is not None and not self.failover_allowed_for(old):
+            return (
+                f"no failover for {self.vdisk} ({self._no_failover_reason(old)}): waiting for "
+                f"{old.server_name} at {old.connected_to}"
+            )
+        if error.code is ErrorCode.NO_IDENTICAL_REPLICA:
+            return "no serving server holds an identical replica: waiting for one"
+        return f"no server answered: {error.message}"
+
+    def _no_failover_reason(self, session: Session) -> str:
+        mode = Mode.from_code(session.mode)
+        if mode is Mode.private:
+            return "Private Image on local storage"
+        return "load balancing off or maintenance: one server provides it"
+
+    def _install(self, session: Session, old: Session | None) -> None:
+        if self.identity is None:
+            self.identity = session.identity
+        for address in (session.connected_to, session.login_server):
+            if address not in self.known_servers:
+                self.known_servers.append(address)
+        session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)
+        self.session = session
+        self.state = "streaming"
+        self.waiting_reason = ""
+        took = (time.monotonic() - self._lost_at) * 1000
+        if old is not None:
+            record = FailoverRecord(
+                self._lost_wall,
+                old.server_name,
+                old.connected_to,
+                session.server_name,
+                session.connected_to,
+                self._lost_reason,
+                took,
+                self._event_wait_ms,
+            )
+            self.history.append(record)
+            self.log.info(
+                "failover_done",
+                to=session.server_name,
+                address=session.connected_to,
+                took_ms=round(took, 1),
+                reason=self._lost_reason,
+            )
+        self._ready.set()
+
+    # -- planned moves ------------------------------------------------------------------------
+
+    def _on_relogin(self, session: Session, notice: ev.Relogin) -> None:
+        if self.session is session:
+            self._own(self._move(session, notice))
+
+    async def _move(self, old: Session, notice: ev.Relogin) -> None:
+        """Log in elsewhere while ``old`` still serves; switch; then let ``old`` go."""
+        self._lost_at, self._lost_wall = time.monotonic(), time.time()
+        self._lost_reason = f"relogin requested: {notice.reason}"
+        self._event_wait_ms = 0.0
+        servers, avoid, _ = self._plan(old)
+        if not self.failover_allowed_for(old):
+            return  # it will close; we then wait for it to come back
+        deadline = notice.deadline_ms / 1000
+        try:
+            session = await login(
+                servers,
+                self.vdisk,
+                self.device_id,
+                pinned=self.identity,
+                max_request=self.settings.max_request,
+                checksum=self.settings.checksum,
+                connect_timeout=min(self.settings.connect_timeout, deadline),
+                log=self.log,
+                avoid=avoid,
+            )
+        except LoginError as error:
+            self.log.warning("relogin_elsewhere_failed", error=error.message)
+            return  # keep streaming from old until it closes; then the unplanned path runs
+        if self.session is not old:
+            await session.close()
+            return
+        self._install(session, old)
+        async with asyncio.timeout(deadline):  # let the old replies arrive, then say goodbye
+            while old.connection.in_flight and old.connection.is_open:
+                await asyncio.sleep(0.01)
+        await old.close()
+
+    # -- watching the server ------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Keepalives, and the verdict that a silent server is gone."""
+        interval = self.settings.keepalive_interval
+        while True:
+            await asyncio.sleep(interval / 2)
+            session = self.session
+            if session is None:
+                continue
+            connection = session.connection
+            silent = asyncio.get_running_loop().time() - connection.last_heard
+            if silent >= self.settings.dead_after:
+                self._lost(session, f"no answer from the server for {silent:.1f} s")
+            elif silent >= interval:
+                connection.nudge()
+
+    def _own(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("internal_error", error=repr(task.exception()))
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        session = self.session
+        identity = self.identity
+        return {
+            "vdisk": self.vdisk,
+            "device_id": self.device_id,
+            "state": self.state,
+            "waiting_reason": self.waiting_reason,
+            "identity": identity.to_json() if identity else None,
+            "mode": self.mode.value if session else None,
+            "read_only": session.read_only if session else None,
+            "failover": self.failover_allowed,
+            "no_failover_reason": (
+                self._no_failover_reason(session) if session and not self.failover_allowed else ""
+            ),
+            "server": (
+                {"name": session.server_name, "address": session.connected_to} if session else None
+            ),
+            "login_server": session.login_server if session else None,
+            "known_servers": self.known_servers,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "requests": self.requests,
+            "retried_requests": self.retried,
+            "longest_wait_ms": round(self.longest_wait_ms, 1),
+            "failovers": [record.to_json() for record in self.history],
+        }
