@@ -23,6 +23,7 @@ import struct
 from pvs_protocol import events as ev
 from pvs_protocol import wire
 from pvs_protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from pvs_protocol.modes import Mode
 
 
 class Role(enum.Enum):
@@ -48,6 +49,7 @@ _SENDABLE: dict[tuple[Role, Phase], tuple[type, ...]] = {
 }
 _CLIENT_FRAMES = frozenset(t for t in wire.FrameType if t < 0x80)
 _BLOCK_FRAMES = frozenset({wire.FrameType.READ_DATA, wire.FrameType.WRITE})
+_MODE_CODES = frozenset(mode.code for mode in Mode)
 _REQUESTS = (ev.Read, ev.Write, ev.Flush)
 _REPLIES = (ev.ReadData, ev.Done, ev.Error)
 
@@ -97,7 +99,8 @@ class Connection:
     # -- receiving --------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._buffer += data
+        if not self.broken and self.phase is not Phase.CLOSED:  # else nothing will read it
+            self._buffer += data
 
     def next_event(self) -> ev.Event | ev.NeedData:
         """Decode the next whole frame, or return NEED_DATA.
@@ -217,6 +220,10 @@ class Connection:
                     )
                 if isinstance(event, ev.Error) and event.request_id != 0:
                     raise LocalProtocolError(ErrorCode.MALFORMED, "login ERROR with a request id")
+                if isinstance(event, ev.LoginOk) and event.mode not in _MODE_CODES:
+                    raise LocalProtocolError(
+                        ErrorCode.MALFORMED, f"LOGIN_OK with unknown mode {event.mode}"
+                    )
                 self._login_pending = False
                 if isinstance(event, ev.LoginOk):
                     self.phase = Phase.STREAMING

@@ -96,12 +96,13 @@ class ConnectionPair:
 
     def hello(
         self, hello: ev.Hello = HELLO, *, max_request: int = MAX_REQUEST,
-        max_in_flight: int = MAX_IN_FLIGHT,
+        max_in_flight: int = MAX_IN_FLIGHT, checksum: bool = True,
     ) -> ev.HelloReply:
         received = self.exchange(Role.CLIENT, hello)
         assert isinstance(received, ev.Hello)
         reply = negotiate(
-            received, max_request=max_request, max_in_flight=max_in_flight, server_name="pvs-a"
+            received, max_request=max_request, max_in_flight=max_in_flight, server_name="pvs-a",
+            checksum=checksum,
         )
         self.exchange(Role.SERVER, reply)
         assert self.client.phase is self.server.phase is Phase.LOGIN
@@ -115,12 +116,15 @@ class ConnectionPair:
 
 def pair_in(
     phase: Phase, *, hello: ev.Hello = HELLO, max_request: int = MAX_REQUEST,
-    max_in_flight: int = MAX_IN_FLIGHT,
+    max_in_flight: int = MAX_IN_FLIGHT, checksum: bool = True,
 ) -> ConnectionPair:
-    """A pair that has completed the handshake up to ``phase`` (HELLO, LOGIN or STREAMING)."""
+    """A pair that has completed the handshake up to ``phase`` (HELLO, LOGIN or STREAMING).
+
+    ``checksum=False`` plays a server that chooses NONE even when CRC32 is offered.
+    """
     pair = ConnectionPair()
     if phase in (Phase.LOGIN, Phase.STREAMING):
-        pair.hello(hello, max_request=max_request, max_in_flight=max_in_flight)
+        pair.hello(hello, max_request=max_request, max_in_flight=max_in_flight, checksum=checksum)
     if phase is Phase.STREAMING:
         pair.login()
     return pair

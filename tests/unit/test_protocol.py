@@ -35,6 +35,7 @@ from pvs_protocol.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
+from pvs_protocol.modes import Mode
 from pvs_protocol.wire import FrameType
 
 C, S = Role.CLIENT, Role.SERVER
@@ -236,11 +237,12 @@ def test_error_codes_and_retryable_registry() -> None:
         ("BAD_STATE", 5), ("BAD_NAME", 6), ("UNKNOWN_VDISK", 7), ("OUT_OF_RANGE", 8),
         ("READ_ONLY", 9), ("IO_ERROR", 10), ("STOPPING", 11), ("NO_IDENTICAL_REPLICA", 12),
         ("IDENTITY_PENDING", 13), ("BUSY", 14), ("TIMEOUT", 15), ("NOT_ALLOWED", 16),
-        ("INTERNAL", 17),
+        ("INTERNAL", 17), ("CHECKSUM", 18),
     ]
     assert {code for code in ErrorCode if code.retryable} == {
         ErrorCode.IO_ERROR, ErrorCode.STOPPING, ErrorCode.NO_IDENTICAL_REPLICA,
         ErrorCode.IDENTITY_PENDING, ErrorCode.BUSY, ErrorCode.TIMEOUT, ErrorCode.INTERNAL,
+        ErrorCode.CHECKSUM,
     }
 
 
@@ -308,8 +310,9 @@ def test_header_with_huge_length_refused_before_the_payload_arrives() -> None:
         (Phase.LOGIN, S, FrameType.WRITE, wire.HANDSHAKE_MAX_PAYLOAD),
         (Phase.STREAMING, S, FrameType.KEEPALIVE, wire.HANDSHAKE_MAX_PAYLOAD),
         (Phase.STREAMING, C, FrameType.ERROR, wire.HANDSHAKE_MAX_PAYLOAD),
-        (Phase.STREAMING, S, FrameType.WRITE, MAX_REQUEST + 8),
-        (Phase.STREAMING, C, FrameType.READ_DATA, MAX_REQUEST + 8),
+        (Phase.STREAMING, S, FrameType.WRITE, MAX_REQUEST + 8),  # offset, then the data
+        (Phase.STREAMING, C, FrameType.READ_DATA, MAX_REQUEST + 4),  # checksum, then the data
+        (Phase.LOGIN, C, FrameType.READ_DATA, wire.HANDSHAKE_MAX_PAYLOAD),
     ],
 )
 def test_payload_limits(phase: Phase, role: Role, kind: FrameType, limit: int) -> None:
@@ -432,9 +435,18 @@ def test_checksum_mismatch_is_a_remote_error() -> None:
     pair.client.send(ev.Read(1, 0, 4))
     good = zlib.crc32(b"data")
     error = refused_on_receive(
-        pair.client, _read_data_frame(1, b"dat\x00", good), ErrorCode.MALFORMED
+        pair.client, _read_data_frame(1, b"dat\x00", good), ErrorCode.CHECKSUM
     )
     assert "checksum" in error.message
+    assert error.code.retryable  # damaged on the way: another connection may deliver it intact
+    assert pair.client.broken
+
+
+def test_checksum_mismatch_in_the_checksum_field_itself() -> None:
+    pair = pair_in(Phase.STREAMING)
+    pair.client.send(ev.Read(1, 0, 4))
+    bad = zlib.crc32(b"data") ^ 0x80000000
+    refused_on_receive(pair.client, _read_data_frame(1, b"data", bad), ErrorCode.CHECKSUM)
 
 
 def test_checksum_field_ignored_when_none_negotiated() -> None:
@@ -458,6 +470,34 @@ def test_checksum_negotiation(offered: set[ev.Checksum], chosen: ev.Checksum) ->
     pair = ConnectionPair()
     reply = pair.hello(ev.Hello(1, 1, MAX_REQUEST, frozenset(offered), "t"))
     assert reply.checksum is pair.client.checksum is pair.server.checksum is chosen
+
+
+@pytest.mark.parametrize(
+    "offered",
+    [{ev.Checksum.CRC32}, {ev.Checksum.NONE, ev.Checksum.CRC32}, {ev.Checksum.NONE}, set()],
+)
+def test_server_may_choose_no_checksum(offered: set[ev.Checksum]) -> None:
+    """negotiate(checksum=False): NONE whatever was offered, e.g. to send blocks by sendfile."""
+    hello = ev.Hello(1, 1, MAX_REQUEST, frozenset(offered), "t")
+    reply = negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s",
+                      checksum=False)
+    assert reply.checksum is ev.Checksum.NONE
+    pair = pair_in(Phase.STREAMING, hello=hello, checksum=False)
+    assert pair.client.checksum is pair.server.checksum is ev.Checksum.NONE
+    pair.exchange(C, ev.Read(1, 0, 4))
+    sent = pair.server.send(ev.ReadData(1, b"data"))
+    assert sent[wire.HEADER_SIZE : wire.HEADER_SIZE + 4] == bytes(4)  # no CRC computed
+    pair.client.receive_data(sent)
+    assert normalize(pair.client.next_event()) == ev.ReadData(1, b"data")
+
+
+def test_negotiate_chooses_crc32_by_default() -> None:
+    hello = ev.Hello(1, 1, MAX_REQUEST, frozenset({ev.Checksum.CRC32}), "t")
+    reply = negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s")
+    assert reply.checksum is ev.Checksum.CRC32
+    explicit = negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s",
+                         checksum=True)
+    assert explicit == reply
 
 
 def test_checksum_not_offered_is_refused() -> None:
@@ -622,6 +662,77 @@ def test_redirected_login_is_carried() -> None:
     assert received.pinned == IDENTITY
 
 
+_REDIRECT = ev.Redirect("pvs-c", "10.0.0.3:6910", "pvs-c holds win11-lab")
+
+
+def test_redirect_of_a_redirected_login_is_refused_both_ways() -> None:
+    """A redirected LOGIN is served or refused, never redirected again: no loop can form."""
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, ev.Login("d", "v", IDENTITY, redirected=True))
+    refused_on_send(pair.server, _REDIRECT, ErrorCode.BAD_STATE)
+    assert pair.server.phase is Phase.LOGIN  # the refusal changed nothing: it may still answer
+    refused_on_receive(copy.deepcopy(pair.client), encode(_REDIRECT), ErrorCode.BAD_STATE)
+    pair.exchange(S, ev.Error(0, ErrorCode.NO_IDENTICAL_REPLICA, "not here either"))
+    assert pair.client.phase is pair.server.phase is Phase.LOGIN
+
+
+@pytest.mark.parametrize("answer", ["login-ok", "error"])
+def test_redirected_login_may_be_served_or_refused(answer: str) -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, ev.Login("d", "v", IDENTITY, redirected=True))
+    if answer == "login-ok":
+        pair.exchange(S, LOGIN_OK)
+        assert pair.client.phase is pair.server.phase is Phase.STREAMING
+    else:
+        pair.exchange(S, ev.Error(0, ErrorCode.BUSY, "taken"))
+        assert pair.client.phase is pair.server.phase is Phase.LOGIN
+
+
+def test_redirect_rule_follows_the_latest_login() -> None:
+    """The flag belongs to each LOGIN: after a refused redirected one, a plain one may move."""
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, ev.Login("d", "v", redirected=True))
+    pair.exchange(S, ev.Error(0, ErrorCode.IDENTITY_PENDING, "hashing"))
+    pair.exchange(C, ev.Login("d", "v", redirected=False))
+    pair.exchange(S, _REDIRECT)
+    assert pair.client.phase is pair.server.phase is Phase.CLOSED
+
+
+@pytest.mark.parametrize("request_id", [1, 2**64 - 1])
+def test_login_error_must_have_request_id_zero(request_id: int) -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, LOGIN)
+    refused = ev.Error(request_id, ErrorCode.BUSY, "taken")
+    refused_on_send(pair.server, refused, ErrorCode.MALFORMED)
+    refused_on_receive(copy.deepcopy(pair.client), encode(refused), ErrorCode.MALFORMED)
+    pair.exchange(S, ev.Error(0, ErrorCode.BUSY, "taken"))  # the LOGIN was still pending
+
+
+def _login_ok_with_mode(mode: int) -> bytes:
+    data = bytearray(encode(LOGIN_OK))
+    data[wire.HEADER_SIZE + 12] = mode  # session_id (8), block_size (4), then mode
+    return bytes(data)
+
+
+@pytest.mark.parametrize("mode", [Mode.standard, Mode.private])
+def test_login_ok_carries_every_known_mode(mode: Mode) -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.client.send(LOGIN)
+    pair.client.receive_data(_login_ok_with_mode(mode.code))
+    received = pair.client.next_event()
+    assert isinstance(received, ev.LoginOk)
+    assert Mode.from_code(received.mode) is mode
+
+
+@pytest.mark.parametrize("mode", [0, 3, 0xFF])
+def test_login_ok_with_an_unknown_mode_is_malformed(mode: int) -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.client.send(LOGIN)
+    error = refused_on_receive(pair.client, _login_ok_with_mode(mode), ErrorCode.MALFORMED)
+    assert f"mode {mode}" in error.message
+    assert pair.client.phase is Phase.LOGIN
+
+
 # -- streaming: requests and replies --------------------------------------------------------
 
 
@@ -674,10 +785,18 @@ def test_a_reply_frees_a_slot() -> None:
     pair.exchange(C, ev.Read(2, 0, 512))
 
 
-@pytest.mark.parametrize("length", [0, MAX_REQUEST + 1, 2**32 - 1])
-def test_read_length_outside_one_to_max_request(length: int) -> None:
+def test_read_of_zero_bytes_is_malformed() -> None:
+    pair = pair_in(Phase.STREAMING)
+    refused_on_send(pair.client, ev.Read(1, 0, 0), ErrorCode.MALFORMED)
+    assert pair.client.outstanding == 0
+    refused_on_receive(pair.server, encode(ev.Read(1, 0, 0)), ErrorCode.MALFORMED)
+
+
+@pytest.mark.parametrize("length", [MAX_REQUEST + 1, 2**32 - 1])
+def test_read_longer_than_max_request_is_too_large(length: int) -> None:
     pair = pair_in(Phase.STREAMING)
     refused_on_send(pair.client, ev.Read(1, 0, length), ErrorCode.TOO_LARGE)
+    assert pair.client.outstanding == 0
     refused_on_receive(pair.server, encode(ev.Read(1, 0, length)), ErrorCode.TOO_LARGE)
 
 
@@ -687,12 +806,21 @@ def test_read_of_exactly_max_request() -> None:
     pair.exchange(S, ev.ReadData(1, bytes(MAX_REQUEST)))
 
 
-def test_write_length_outside_one_to_max_request() -> None:
+def test_write_of_zero_bytes_is_malformed() -> None:
     pair = pair_in(Phase.STREAMING)
-    refused_on_send(pair.client, ev.Write(1, 0, b""), ErrorCode.TOO_LARGE)
+    refused_on_send(pair.client, ev.Write(1, 0, b""), ErrorCode.MALFORMED)
+    assert pair.client.outstanding == 0
+    refused_on_receive(pair.server, encode(ev.Write(1, 0, b"")), ErrorCode.MALFORMED)
+
+
+def test_write_longer_than_max_request_is_too_large() -> None:
+    pair = pair_in(Phase.STREAMING)
     refused_on_send(pair.client, ev.Write(1, 0, bytes(MAX_REQUEST + 1)), ErrorCode.TOO_LARGE)
-    refused_on_receive(pair.server, encode(ev.Write(1, 0, b"")), ErrorCode.TOO_LARGE)
-    pair.exchange(C, ev.Write(1, 0, bytes(MAX_REQUEST)))
+    assert pair.client.outstanding == 0
+    pair.exchange(C, ev.Write(1, 0, bytes(MAX_REQUEST)))  # the largest is fine, and id 1 free
+    # from a peer, one byte over is already past the WRITE payload limit of the header
+    refused_on_receive(pair.server, encode(ev.Write(2, 0, bytes(MAX_REQUEST + 1))),
+                       ErrorCode.TOO_LARGE)
 
 
 @pytest.mark.parametrize(
@@ -706,28 +834,48 @@ def test_reply_to_unknown_request(reply: ev.Event) -> None:
     refused_on_receive(pair.client, encode(reply, ev.Checksum.CRC32), ErrorCode.MALFORMED)
 
 
+def _refused_reply_keeps_the_request(
+    pair: ConnectionPair, wrong: ev.Event, right: ev.Event
+) -> None:
+    """A refused reply answers nothing: the request stays outstanding on both sides."""
+    assert pair.server.outstanding == pair.client.outstanding == 1
+    refused_on_send(pair.server, wrong, ErrorCode.MALFORMED)
+    assert pair.server.outstanding == 1
+    refused_on_receive(pair.client, encode(wrong, ev.Checksum.CRC32), ErrorCode.MALFORMED)
+    assert pair.client.outstanding == 1
+    # the server's mistake was caught before it reached the wire: it can still answer properly
+    pair.server.send(right)
+    assert pair.server.outstanding == 0
+
+
 @pytest.mark.parametrize("size", [511, 513])
 def test_read_data_of_wrong_length(size: int) -> None:
     pair = pair_in(Phase.STREAMING)
     pair.exchange(C, ev.Read(1, 0, 512))
-    reply = ev.ReadData(1, bytes(size))
-    refused_on_send(copy.deepcopy(pair.server), reply, ErrorCode.MALFORMED)
-    refused_on_receive(pair.client, encode(reply, ev.Checksum.CRC32), ErrorCode.MALFORMED)
+    _refused_reply_keeps_the_request(pair, ev.ReadData(1, bytes(size)), ev.ReadData(1, bytes(512)))
 
 
 def test_done_for_a_read() -> None:
     pair = pair_in(Phase.STREAMING)
     pair.exchange(C, ev.Read(1, 0, 512))
-    refused_on_send(copy.deepcopy(pair.server), ev.Done(1), ErrorCode.MALFORMED)
-    refused_on_receive(pair.client, encode(ev.Done(1)), ErrorCode.MALFORMED)
+    _refused_reply_keeps_the_request(pair, ev.Done(1), ev.ReadData(1, bytes(512)))
 
 
-def test_read_data_for_a_write() -> None:
+@pytest.mark.parametrize("request_", [ev.Write(1, 0, b"x"), ev.Flush(1)], ids=["write", "flush"])
+def test_read_data_for_a_write_or_flush(request_: ev.Event) -> None:
     pair = pair_in(Phase.STREAMING)
-    pair.exchange(C, ev.Write(1, 0, b"x"))
-    refused_on_send(copy.deepcopy(pair.server), ev.ReadData(1, b"x"), ErrorCode.MALFORMED)
-    refused_on_receive(pair.client, encode(ev.ReadData(1, b"x"), ev.Checksum.CRC32),
-                       ErrorCode.MALFORMED)
+    pair.exchange(C, request_)
+    _refused_reply_keeps_the_request(pair, ev.ReadData(1, b"x"), ev.Done(1))
+
+
+def test_refused_read_data_leaves_other_requests_alone() -> None:
+    pair = pair_in(Phase.STREAMING)
+    pair.exchange(C, ev.Read(1, 0, 8))
+    pair.exchange(C, ev.Flush(2))
+    refused_on_send(pair.server, ev.ReadData(1, bytes(7)), ErrorCode.MALFORMED)
+    pair.exchange(S, ev.Done(2))
+    pair.exchange(S, ev.ReadData(1, bytes(8)))
+    assert pair.client.outstanding == pair.server.outstanding == 0
 
 
 def test_connection_level_error_does_not_touch_requests() -> None:
@@ -792,29 +940,136 @@ def test_after_close_next_event_returns_need_data(data: bytes) -> None:
     assert pair.client.next_event() is ev.NEED_DATA
 
 
-# -- known defects --------------------------------------------------------------------------
+# -- after a protocol error: broken ----------------------------------------------------------
+
+_BAD_MAGIC = wire.HEADER.pack(0x4E42, FrameType.KEEPALIVE, 0, 8, 0) + bytes(8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: Connection.send_buffers applies the state change before wire.encode, and "
-    "encoding errors escape as ValueError/struct.error: an event that cannot be encoded "
-    "leaves the connection changed (HELLO marked sent, request id outstanding)",
-)
+def _breaches(role: Role) -> list[bytes]:
+    """A header breach, a payload breach and a rule breach (in any phase), refused by ``role``."""
+    rule = encode(ev.Done(77)) if role is C else encode(ev.Flush(0))
+    return [_BAD_MAGIC, frame(FrameType.KEEPALIVE, bytes(7)), rule]
+
+
+@pytest.mark.parametrize("breach", [0, 1, 2], ids=["header", "payload", "rule"])
+@pytest.mark.parametrize("role", [C, S])
+@pytest.mark.parametrize("phase", [Phase.HELLO, Phase.LOGIN, Phase.STREAMING])
+def test_after_a_protocol_error_nothing_more_is_decoded(
+    phase: Phase, role: Role, breach: int
+) -> None:
+    pair = pair_in(phase)
+    receiver = pair.side(role)
+    assert not receiver.broken
+    good = encode(ev.Goodbye(0, "")) if phase is Phase.HELLO else encode(ev.Keepalive(1))
+    with pytest.raises(RemoteProtocolError):
+        receiver.receive_data(_breaches(role)[breach] + good)
+        drain(receiver)
+    assert receiver.broken
+    assert receiver.phase is phase  # broken is not closed: a GOODBYE may still explain why
+    receiver.receive_data(good)
+    assert receiver.next_event() is ev.NEED_DATA  # frame boundaries can no longer be trusted
+    assert receiver.next_event() is ev.NEED_DATA
+
+
+@pytest.mark.parametrize("role", [C, S])
+def test_after_a_protocol_error_only_goodbye_may_be_sent(role: Role) -> None:
+    pair = pair_in(Phase.STREAMING)
+    if role is C:
+        pair.exchange(C, ev.Read(1, 0, 512))
+    receiver = pair.side(role)
+    with pytest.raises(RemoteProtocolError):
+        receiver.receive_data(_BAD_MAGIC)
+        receiver.next_event()
+    before = copy.deepcopy(receiver.__dict__)
+    others: list[ev.Event] = (
+        [ev.Keepalive(1), ev.Read(2, 0, 512), ev.Flush(3)] if role is C
+        else [ev.Keepalive(1), ev.Relogin(1, ""), ev.Error(0, ErrorCode.INTERNAL, "")]
+    )
+    for event in others:
+        refused_on_send(receiver, event, ErrorCode.BAD_STATE)
+        assert receiver.__dict__ == before
+    received = pair.send(role, ev.Goodbye(ErrorCode.MALFORMED, "bad magic"))
+    assert received == [ev.Goodbye(ErrorCode.MALFORMED, "bad magic")]
+    assert pair.client.phase is pair.server.phase is Phase.CLOSED
+
+
+def test_a_refused_send_does_not_break_the_connection() -> None:
+    """LocalProtocolError is our own bug caught before the wire: the connection goes on."""
+    pair = pair_in(Phase.STREAMING)
+    refused_on_send(pair.client, ev.Read(0, 0, 512), ErrorCode.MALFORMED)
+    assert not pair.client.broken
+    pair.exchange(C, ev.Read(1, 0, 512))
+    pair.exchange(S, ev.ReadData(1, bytes(512)))
+
+
+def test_goodbye_from_the_peer_is_not_a_breach() -> None:
+    pair = pair_in(Phase.STREAMING)
+    pair.exchange(S, ev.Goodbye(ErrorCode.STOPPING, "bye"))
+    assert not pair.client.broken
+    assert pair.client.phase is Phase.CLOSED
+
+
+# -- events that cannot be encoded ----------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("phase", "event"),
+    ("phase", "role", "event"),
     [
-        (Phase.HELLO, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "x" * (wire.MAX_STRING + 1))),
-        (Phase.STREAMING, ev.Read(2**64, 0, 512)),
-        (Phase.STREAMING, ev.Read(1, -1, 512)),
+        (Phase.HELLO, C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "x" * (wire.MAX_STRING + 1))),
+        (Phase.HELLO, C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "é" * 513)),  # 1026 bytes
+        (Phase.HELLO, C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "\ud800")),  # not UTF-8
+        (Phase.HELLO, C, ev.Hello(1, 0x10000, MAX_REQUEST, frozenset(), "")),
+        (Phase.LOGIN, C, ev.Login("d" * (wire.MAX_STRING + 1), "v")),
+        (Phase.STREAMING, C, ev.Read(2**64, 0, 512)),
+        (Phase.STREAMING, C, ev.Read(1, -1, 512)),
+        (Phase.STREAMING, C, ev.Write(1, 2**64, b"x")),
+        (Phase.STREAMING, C, ev.Keepalive(-1)),
+        (Phase.STREAMING, S, ev.Relogin(2**32, "")),
+        (Phase.STREAMING, S, ev.Goodbye(-1, "")),
+        (Phase.STREAMING, S, ev.Goodbye(0, "x" * (wire.MAX_STRING + 1))),
     ],
-    ids=["string-too-long", "request-id-too-large", "negative-offset"],
+    ids=[
+        "string-too-long", "string-too-long-in-utf8", "string-not-utf8", "version-too-large",
+        "login-name-too-long", "request-id-too-large", "negative-offset", "offset-too-large",
+        "negative-token", "deadline-too-large", "negative-goodbye-code", "goodbye-too-long",
+    ],
 )
 def test_unencodable_event_is_a_local_error_and_changes_nothing(
-    phase: Phase, event: ev.Event
+    phase: Phase, role: Role, event: ev.Event
 ) -> None:
-    client = pair_in(phase).client
-    before = copy.deepcopy(client.__dict__)
-    with pytest.raises(LocalProtocolError):
-        client.send(event)
-    assert client.__dict__ == before
+    pair = pair_in(phase)
+    sender = pair.side(role)
+    before = copy.deepcopy(sender.__dict__)
+    refused_on_send(sender, event, ErrorCode.MALFORMED)
+    assert sender.__dict__ == before
+    assert not sender.broken
+    # nothing was marked sent: the connection goes on as if the attempt never happened
+    if phase is Phase.HELLO:
+        pair.hello()
+    elif phase is Phase.LOGIN:
+        pair.login()
+    else:
+        pair.exchange(C, ev.Read(1, 0, 512))
+        assert pair.client.outstanding == pair.server.outstanding == 1
+
+
+def test_unencodable_login_ok_does_not_start_streaming() -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, LOGIN)
+    too_long = ev.LoginOk(1, IDENTITY, 512, 1, ev.LoginFlag(0), "s" * (wire.MAX_STRING + 1), "")
+    refused_on_send(pair.server, too_long, ErrorCode.MALFORMED)
+    assert pair.server.phase is Phase.LOGIN
+    pair.exchange(S, LOGIN_OK)  # the LOGIN is still pending and can be answered
+
+
+# -- mode codes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+def test_login_ok_with_an_unknown_mode_is_refused_on_send(mode: int) -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, LOGIN)
+    bad = ev.LoginOk(1, IDENTITY, 512, mode, ev.LoginFlag(0), "s", "a")
+    before = copy.deepcopy(pair.server.__dict__)
+    refused_on_send(pair.server, bad, ErrorCode.MALFORMED)
+    assert pair.server.__dict__ == before

@@ -1,15 +1,21 @@
 """Property-based tests of the protocol state machine.
 
 (a) Whatever bytes a peer sends, in whatever phase, ``next_event`` yields events or NEED_DATA or
-    raises the module's own ProtocolError: a server must never die of struct.error on a frame.
+    raises the module's own RemoteProtocolError: a server must never die of struct.error on a
+    frame. After that error the connection is broken: it decodes nothing more and sends only
+    GOODBYE.
 (b) A valid frame cut anywhere is NEED_DATA, never an error: TCP may split frames anywhere.
 (c) Every valid event, sent and received through a real handshake, arrives unchanged.
+(d) Whatever event a side tries to send, in whatever phase, it is either sent or refused with
+    LocalProtocolError, and a refusal changes nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import typing
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import (
@@ -26,8 +32,9 @@ from protocol_helpers import (
 from pvs_protocol import events as ev
 from pvs_protocol import wire
 from pvs_protocol.connection import Connection, Phase, Role
-from pvs_protocol.errors import ErrorCode, ProtocolError
+from pvs_protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
+from pvs_protocol.modes import Mode
 
 C, S = Role.CLIENT, Role.SERVER
 EVENT_TYPES = typing.get_args(ev.Event)
@@ -44,6 +51,7 @@ identities = st.builds(
     ReplicaIdentity, u32, u64, u64, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)
 )
 checksum_sets = st.frozensets(st.sampled_from(ev.Checksum))
+modes = st.sampled_from([mode.code for mode in Mode])
 hellos = st.builds(ev.Hello, u16, u16, u32, checksum_sets, texts)
 
 # -- a conversation: a starting phase, then events sent in turn ------------------------------
@@ -70,16 +78,15 @@ def hello_conversations(draw: st.DrawFn) -> Conversation:
 
 @st.composite
 def login_conversations(draw: st.DrawFn) -> Conversation:
+    """A LOGIN and a valid answer: no REDIRECT of a redirected LOGIN, ERROR with id 0."""
     login = ev.Login(draw(texts), draw(texts), draw(st.none() | identities), draw(st.booleans()))
-    reply: ev.Event = draw(
-        st.one_of(
-            st.builds(
-                ev.LoginOk, u64, identities, u32, u8, u8.map(ev.LoginFlag), texts, texts
-            ),
-            st.builds(ev.Redirect, texts, texts, texts),
-            st.builds(ev.Error, u64, st.sampled_from(ErrorCode), texts),
-        )
-    )
+    answers: list[st.SearchStrategy[ev.Event]] = [
+        st.builds(ev.LoginOk, u64, identities, u32, modes, u8.map(ev.LoginFlag), texts, texts),
+        st.builds(ev.Error, st.just(0), st.sampled_from(ErrorCode), texts),
+    ]
+    if not login.redirected:
+        answers.append(st.builds(ev.Redirect, texts, texts, texts))
+    reply: ev.Event = draw(st.one_of(answers))
     return Phase.LOGIN, HELLO, [(C, login), (S, reply)]
 
 
@@ -266,5 +273,92 @@ def test_hostile_bytes_give_events_or_a_protocol_error(
             receiver.receive_data(chunk)
             while (event := receiver.next_event()) is not ev.NEED_DATA:
                 assert isinstance(event, EVENT_TYPES)
-    except ProtocolError as error:
+    except RemoteProtocolError as error:
         assert isinstance(error.code, ErrorCode)
+        # broken: nothing more is decoded, and GOODBYE is all that may still be sent
+        assert receiver.broken
+        assert receiver.phase is not Phase.CLOSED
+        receiver.receive_data(data)
+        assert receiver.next_event() is ev.NEED_DATA
+        with pytest.raises(LocalProtocolError):
+            receiver.send(ev.Keepalive(1))
+        receiver.send(ev.Goodbye(error.code, error.message))
+        assert receiver.phase is Phase.CLOSED
+    else:
+        assert not receiver.broken
+
+
+# -- (d) whatever we try to send ------------------------------------------------------------
+
+# Numbers mostly in range, sometimes far outside any wire field; strings sometimes past
+# MAX_STRING once encoded.
+wide = st.one_of(st.integers(0, 8), u32, u64, st.integers(-(2**70), 2**70))
+any_texts = st.one_of(texts, st.text(min_size=wire.MAX_STRING - 2, max_size=wire.MAX_STRING + 2))
+any_events: st.SearchStrategy[ev.Event] = st.one_of(
+    st.builds(ev.Hello, wide, wide, wide, checksum_sets, any_texts),
+    st.builds(ev.HelloReply, wide, wide, wide, st.sampled_from(ev.Checksum), any_texts),
+    st.builds(ev.Login, any_texts, any_texts, st.none() | identities, st.booleans(), any_texts),
+    st.builds(ev.LoginOk, wide, identities, wide, modes | st.integers(0, 255),
+              st.integers(0, 2**10).map(ev.LoginFlag), any_texts, any_texts),
+    st.builds(ev.Redirect, any_texts, any_texts, any_texts),
+    st.builds(ev.Read, wide, wide, wide),
+    st.builds(ev.ReadData, wide, st.binary(max_size=600)),
+    st.builds(ev.Write, wide, wide, st.binary(max_size=600)),
+    st.builds(ev.Flush, wide),
+    st.builds(ev.Done, wide),
+    st.builds(ev.Error, wide, st.sampled_from(ErrorCode), any_texts),
+    st.builds(ev.Relogin, wide, any_texts),
+    st.builds(ev.Keepalive, wide, st.booleans()),
+    st.builds(ev.Goodbye, wide, any_texts),
+)
+
+
+def _pair_for_sending(start: str) -> ConnectionPair:
+    """Pairs at the points where most events have something to match."""
+    match start:
+        case "fresh":
+            return ConnectionPair()
+        case "hello-sent":
+            pair = ConnectionPair()
+            pair.exchange(C, HELLO)
+            return pair
+        case "login":
+            return pair_in(Phase.LOGIN)
+        case "login-sent" | "redirected-login-sent":
+            pair = pair_in(Phase.LOGIN)
+            pair.exchange(C, ev.Login("d", "v", redirected=start == "redirected-login-sent"))
+            return pair
+    pair = pair_in(Phase.STREAMING)
+    for event in _PREPARATION[(C, Phase.STREAMING)]:
+        pair.exchange(C, event)
+    return pair
+
+
+@ROUND_TRIP
+@given(
+    st.sampled_from(
+        ["fresh", "hello-sent", "login", "login-sent", "redirected-login-sent", "streaming"]
+    ),
+    st.lists(st.tuples(st.sampled_from(Role), any_events), min_size=1, max_size=6),
+)
+def test_a_send_is_either_made_and_accepted_or_refused_with_no_change(
+    start: str, attempts: list[tuple[Role, ev.Event]]
+) -> None:
+    pair = _pair_for_sending(start)
+    for role, event in attempts:
+        if pair.client.phase is Phase.CLOSED:
+            break
+        sender, receiver = pair.side(role), pair.peer(role)
+        before = copy.deepcopy(sender.__dict__)
+        try:
+            data = sender.send(event)
+        except LocalProtocolError as error:
+            assert isinstance(error.code, ErrorCode)
+            assert sender.__dict__ == before, f"refused {event!r} but changed the state"
+            continue
+        # what one side agreed to send, the other, in step with it, accepts unchanged
+        receiver.receive_data(data)
+        assert normalize(receiver.next_event()) == normalize(event)
+        assert receiver.next_event() is ev.NEED_DATA
+        assert pair.client.phase is pair.server.phase
+        assert pair.client.outstanding == pair.server.outstanding
