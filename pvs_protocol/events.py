@@ -72,6 +72,9 @@ class LoginOk:
     server_name: str
     server_address: str
     """HOST:PORT at which this server streams, as the target should show it."""
+    site: tuple[str, ...] = ()
+    """Stream addresses of other servers of the site, where the target may log in again
+    when this one goes away (its bootstrap list may name only one server)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -27,6 +27,8 @@ MAX_STRING = 1024
 MAX_REQUEST_LIMIT = 32 * 1024 * 1024
 """No negotiation can raise the request size above this."""
 FLAG_REPLY = 0x01
+MAX_SITE_ADDRESSES = 16
+"""LOGIN_OK names at most this many other servers (enough to find the site again)."""
 
 
 class FrameType(enum.IntEnum):
@@ -162,9 +164,12 @@ def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
             if avoid:
                 body += _string(avoid)
             return FrameType.LOGIN, body, 0, 0
-        case ev.LoginOk(session, identity, block_size, mode, flags, name, address):
+        case ev.LoginOk(session, identity, block_size, mode, flags, name, address, site):
+            if len(site) > MAX_SITE_ADDRESSES:
+                raise ValueError(f"more than {MAX_SITE_ADDRESSES} site addresses")
             body = _LOGIN_OK_HEAD.pack(session, block_size, mode, flags)
             body += _identity(identity) + _string(name) + _string(address)
+            body += bytes([len(site)]) + b"".join(_string(a) for a in site)
             return FrameType.LOGIN_OK, body, 0, 0
         case ev.Redirect(name, address, reason):
             return FrameType.REDIRECT, _string(name) + _string(address) + _string(reason), 0, 0
@@ -229,9 +234,12 @@ def _login_ok(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
     except ValueError:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"LOGIN_OK: unknown mode {mode}") from None
     identity = r.identity()
-    return ev.LoginOk(
-        session, identity, block_size, mode, ev.LoginFlag(flags), r.string(), r.string()
-    )
+    name, address = r.string(), r.string()
+    count = r.take(1)[0]
+    if count > MAX_SITE_ADDRESSES:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "LOGIN_OK: too many site addresses")
+    site = tuple(r.string() for _ in range(count))
+    return ev.LoginOk(session, identity, block_size, mode, ev.LoginFlag(flags), name, address, site)
 
 
 def _redirect(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:

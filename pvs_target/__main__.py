@@ -1,6 +1,8 @@
 """``pvs-target``: the target's command line.
 
     pvs-target read --server 10.0.0.1:6910 --vdisk win10 -o win10.img
+    pvs-target attach --server 10.0.0.1:6910 --vdisk win10 --nbd unix:/run/win10.sock
+    pvs-target status --json
 
 Results go to stdout (one JSON object with --json); progress, logs and errors to stderr. Exit
 status: 0 done, 1 the data read does not match the replica's digest, 2 any other failure.
@@ -38,6 +40,7 @@ from rich.progress import (
 
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_target.address import parse_address
+from pvs_target.attach import add_commands
 from pvs_target.client import ClientError, Session, login, read_range
 from pvs_target.loop import loop_name, run
 
@@ -101,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     read.add_argument("--no-uvloop", action="store_true", help="use the plain asyncio loop")
     read.set_defaults(handler=_read_command)
+    add_commands(commands, _address, default_device_id())
     return parser
 
 

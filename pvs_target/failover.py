@@ -195,7 +195,8 @@ class VDiskStream:
     async def _retrying(self, request: Callable[[Session], Awaitable[T]]) -> T:
         """Run ``request`` on the current session; on loss, wait for the next one and retry."""
         self.requests += 1
-        first_failure = 0.0
+        began = time.monotonic()
+        retried = False
         while True:
             session = await self._current()
             try:
@@ -207,11 +208,11 @@ class VDiskStream:
             except ConnectionLost as error:
                 self._lost(session, str(error))
             else:
-                if first_failure:
-                    self._note_wait(time.monotonic() - first_failure)
+                if retried:  # how long the caller waited, from its request to its answer
+                    self._note_wait(time.monotonic() - began)
                 return result
-            if not first_failure:
-                first_failure = time.monotonic()
+            if not retried:
+                retried = True
                 self.retried += 1
 
     async def _current(self) -> Session:
@@ -328,7 +329,7 @@ class VDiskStream:
     def _install(self, session: Session, old: Session | None) -> None:
         if self.identity is None:
             self.identity = session.identity
-        for address in (session.connected_to, session.login_server):
+        for address in (session.connected_to, session.login_server, *session.site):
             if address not in self.known_servers:
                 self.known_servers.append(address)
         session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)

@@ -62,6 +62,8 @@ class Session:
     login_server: str
     """The bootstrap server the login started at."""
     redirected: bool
+    site: tuple[str, ...] = ()
+    """Other servers of the site, as the streaming server named them at login."""
 
     @property
     def size(self) -> int:
@@ -238,6 +240,7 @@ class _Attempt:
             connected_to=connection.server,
             login_server=login_server,
             redirected=redirected,
+            site=ok.site,
         )
 
 

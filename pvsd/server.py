@@ -9,6 +9,7 @@ import time
 import structlog
 
 from pvs_protocol import events as ev
+from pvs_protocol import wire
 from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
@@ -174,8 +175,15 @@ class StreamServer:
         return vdisk, ev.LoginOk(
             session_id=new_session_id(), identity=identity, block_size=props.block_size,
             mode=props.mode.code, flags=flags, server_name=self.config.name,
-            server_address=self.advertised,
+            server_address=self.advertised, site=self._site_addresses(),
         )
+
+    def _site_addresses(self) -> tuple[str, ...]:
+        if self.site is None:
+            return ()
+        servers = [s for s in self.site.view() if s.serving and s.name != self.config.name]
+        servers.sort(key=lambda s: s.load)
+        return tuple(s.address for s in servers[: wire.MAX_SITE_ADDRESSES])
 
     # -- what the site sees of us -----------------------------------------------------------
 

@@ -8,6 +8,7 @@ a LocalProtocolError, receiving it as raw bytes from a peer that broke it a Remo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import typing
 import zlib
 
@@ -228,7 +229,17 @@ def test_login_ok_layout() -> None:
     ok = ev.LoginOk(1, IDENTITY, 4096, 1, ev.LoginFlag.READ_ONLY | ev.LoginFlag.FAILOVER, "", "")
     payload = encode(ok)[wire.HEADER_SIZE :]
     assert payload[:14] == bytes.fromhex("0000000000000001 00001000 01 03".replace(" ", ""))
-    assert len(payload) == 14 + 52 + 2 + 2
+    assert len(payload) == 14 + 52 + 2 + 2 + 1  # no site addresses: a zero count
+
+
+def test_login_ok_site_addresses_round_trip_and_limit() -> None:
+    site = tuple(f"10.0.0.{n}:6910" for n in range(wire.MAX_SITE_ADDRESSES))
+    ok = ev.LoginOk(1, IDENTITY, 4096, 1, ev.LoginFlag(0), "s1", "10.0.0.1:6910", site)
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, LOGIN)
+    assert pair.exchange(S, ok) == ok
+    too_many = dataclasses.replace(ok, site=(*site, "10.0.0.99:6910"))
+    refused_on_send(pair_in(Phase.LOGIN).server, too_many, ErrorCode.MALFORMED)
 
 
 def test_error_codes_and_retryable_registry() -> None:

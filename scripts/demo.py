@@ -1,0 +1,178 @@
+"""The main job, end to end on one machine: a three-server site, a target, two failovers.
+
+Each server listens on its own loopback address (127.0.0.11-13), as on separate hosts. The
+vDisk is replicated to each server's local store with its identity kept (cp -p), the target
+attaches it as an NBD export, a reader copies the whole disk through the export over and over,
+and we stop the streaming server's stream service, then kill the next one, while it reads.
+Everything started here is stopped here, by PID, also on failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WORK = ROOT / "demo"
+SERVERS = [("pvs1", "127.0.0.11", 1.0), ("pvs2", "127.0.0.12", 1.0), ("pvs3", "127.0.0.13", 2.0)]
+PORT = 6910
+SIZE = 256 * 1024 * 1024
+processes: list[subprocess.Popen[bytes]] = []
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def run(*args: str, check: bool = True) -> str:
+    print(f"$ {' '.join(args)}", flush=True)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    print(output.rstrip())
+    if check and result.returncode != 0:
+        raise SystemExit(f"demo: {args[0]} failed (exit {result.returncode})")
+    return result.stdout
+
+
+def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT)
+    processes.append(process)
+    return process
+
+
+def wait_for(path: Path, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"demo: {path.name} never said {text!r}; see {path}")
+
+
+def status() -> dict[str, object]:
+    out = subprocess.run(
+        [str(BIN / "pvs-target"), "status", "--control", str(WORK / "target.sock"), "--json"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def streaming_server() -> tuple[str, str]:
+    server = status()["server"]
+    assert isinstance(server, dict)
+    return server["name"], server["address"]
+
+
+def main() -> int:
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir()
+    pvsctl = str(BIN / "pvsctl")
+    key = WORK / "site.key"
+    key.write_text(run(pvsctl, "site", "keygen"))
+    key.chmod(0o600)
+
+    say("A vDisk of random data, replicated to three servers' local stores (cp -p)")
+    source = WORK / "base.img"
+    with source.open("wb") as handle:
+        for _ in range(SIZE // (1 << 20)):
+            handle.write(os.urandom(1 << 20))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    first = WORK / "pvs1"
+    run(pvsctl, "vdisk", "import", str(source), "--name", "demo", "--store", str(first))
+    for name, _, _ in SERVERS[1:]:
+        (WORK / name).mkdir()
+        for file in first.glob("demo.*"):
+            shutil.copy2(file, WORK / name / file.name)
+
+    say("Three pvsd, one per loopback address; pvs3 has power rating 2")
+    peers = [f"{host}:{PORT}" for _, host, _ in SERVERS]
+    for name, host, power in SERVERS:
+        args = [str(BIN / "pvsd"), "--name", name, "--listen", f"{host}:{PORT}",
+                "--store", str(WORK / name), "--key-file", str(key), "--power", str(power),
+                "--admin", f"{host}:{PORT + 1}"]
+        for peer in peers:
+            if peer != f"{host}:{PORT}":
+                args += ["--peer", peer]
+        start(*args, log=WORK / f"{name}.log")
+    for name, _, _ in SERVERS:
+        wait_for(WORK / f"{name}.log", "identity_published")
+    time.sleep(1.5)  # a few heartbeats, so every server sees the whole site
+    admin = ["--admin", f"127.0.0.11:{PORT + 1}", "--key-file", str(key)]
+    run(pvsctl, *admin, "servers")
+    run(pvsctl, *admin, "vdisks")
+
+    say("Attach the vDisk on a target, exported over NBD")
+    nbd = WORK / "nbd.sock"
+    start(str(BIN / "pvs-target"), "attach", "--server", peers[0], "--vdisk", "demo",
+          "--device-id", "demo-target", "--nbd", f"unix:{nbd}",
+          "--control", str(WORK / "target.sock"), log=WORK / "target.log")
+    wait_for(WORK / "target.log", '"event": "attached"')
+    run(str(BIN / "pvs-target"), "status", "--control", str(WORK / "target.sock"))
+    run(pvsctl, *admin, "targets")
+
+    say("A reader copies the whole disk through the export, again and again")
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, f"nbd+unix:///?socket={nbd}", digest, "6"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    processes.append(reader)  # type: ignore[arg-type]
+    time.sleep(1.0)
+
+    name, address = streaming_server()
+    say(f"Stop the stream service of {name} ({address}), the streaming server")
+    run(pvsctl, *admin, "stop-stream", name)
+    time.sleep(1.0)
+    moved_to, new_address = streaming_server()
+    print(f"the target now streams from {moved_to} at {new_address}")
+
+    say(f"Kill {moved_to} (SIGKILL), as a crash would")
+    pid = next(p.pid for p in processes if f"--name {moved_to}" in " ".join(map(str, p.args)))
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(3.0)
+    run(str(BIN / "pvs-target"), "status", "--control", str(WORK / "target.sock"))
+
+    say("The reader's verdict")
+    out, _ = reader.communicate(timeout=300)
+    print(out.rstrip())
+    ok = reader.returncode == 0
+    say("Done: " + ("every byte read was right" if ok else "READ ERRORS"))
+    return 0 if ok else 1
+
+
+READER = """
+import hashlib, subprocess, sys
+uri, want, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+bad = 0
+for n in range(rounds):
+    p = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=120)
+    got = hashlib.sha256(p.stdout).hexdigest()
+    fine = p.returncode == 0 and got == want
+    bad += not fine
+    print(f"copy {n + 1}: exit {p.returncode}, sha256 {got[:16]}..., "
+          + ("correct" if fine else "WRONG"), flush=True)
+sys.exit(1 if bad else 0)
+"""
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    sys.exit(code)

@@ -1,0 +1,384 @@
+"""Failover with real servers: stop, kill, freeze, roll; and the cases with no failover.
+
+Three pvsd processes on their own loopback addresses form a site. Targets read through
+``VDiskStream`` continuously while servers go away, and every byte they read is compared with
+the image: the bar is zero read errors and zero wrong bytes, and the longest wait is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from harness import PYTHON, Pvsd, image_path, make_vdisk, random_bytes
+
+from pvs_target.failover import FailoverSettings, GaveUp, VDiskStream
+
+MIB = 1 << 20
+SIZE = 16 * MIB
+FAST = FailoverSettings(keepalive_interval=0.3, dead_after=1.0, connect_timeout=1.0)
+
+
+class Site:
+    """Three servers holding identical replicas (cp -p) of vDisk ``disk``."""
+
+    def __init__(self, workdir: Path, count: int = 3, **properties: str) -> None:
+        self.workdir = workdir
+        self.key = workdir / "site.key"
+        self.key.write_text(_keygen())
+        first = workdir / "store1"
+        make_vdisk(first, "disk", SIZE, seed=7)
+        if properties:
+            args = [f"--{k.replace('_', '-')}={v}" for k, v in properties.items()]
+            _pvsctl("vdisk", "set", "disk", "--store", str(first), *args)
+        for index in range(2, count + 1):
+            store = workdir / f"store{index}"
+            store.mkdir()
+            for file in first.glob("disk.*"):
+                if not file.name.endswith(".identity.json"):
+                    shutil.copy2(file, store / file.name)
+        self.data = random_bytes(SIZE, 7)
+        self.servers = [
+            Pvsd(f"s{i}", workdir / f"store{i}", workdir) for i in range(1, count + 1)
+        ]
+        for server in self.servers:
+            peers = [p.address for p in self.servers if p is not server]
+            server.args = [
+                "--key-file", str(self.key), "--peer-timeout", "2", "--drain-timeout", "5",
+                "--admin", f"{server.host}:{server.port + 1}",
+                *[arg for peer in peers for arg in ("--peer", peer)],
+            ]
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start(vdisks=["disk"])
+        for server in self.servers:  # every server has heard every other
+            for other in self.servers:
+                if other is not server:
+                    server.wait_for_log("peer_inventory", peer=other.name)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+            server.kill()
+
+    def by_name(self, name: str) -> Pvsd:
+        return next(s for s in self.servers if s.name == name)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self.servers]
+
+
+def _keygen() -> str:
+    return secrets.token_hex(32) + "\n"  # what 'pvsctl site keygen' writes
+
+
+def _pvsctl(*args: str) -> str:
+    result = subprocess.run(
+        [PYTHON, "-m", "pvsd.ctl", *args], capture_output=True, text=True, timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def restart(server: Pvsd) -> None:
+    server.process = None
+    server.start(vdisks=["disk"])
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    built = Site(tmp_path)
+    try:
+        built.start()
+        yield built
+    finally:
+        built.stop()
+
+
+class Reader:
+    """Reads the whole vDisk again and again, 1 MiB at a time, 4 in flight, checking bytes."""
+
+    def __init__(self, stream: VDiskStream, expected: bytes) -> None:
+        self.stream = stream
+        self.expected = expected
+        self.errors: list[str] = []
+        self.wrong = 0
+        self.bytes = 0
+        self.passes = 0
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        while not self._stop.is_set():
+            for offset in range(0, len(self.expected), MIB):
+                queue.put_nowait(offset)
+            await asyncio.gather(*(self._worker(queue) for _ in range(4)))
+            self.passes += 1
+
+    async def _worker(self, queue: asyncio.Queue[int]) -> None:
+        while not queue.empty():
+            offset = queue.get_nowait()
+            try:
+                data = await self.stream.read(offset, MIB)
+            except Exception as error:  # the point: there must be none
+                self.errors.append(f"{offset}: {error!r}")
+                continue
+            self.bytes += len(data)
+            if data != self.expected[offset : offset + MIB]:
+                self.wrong += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@contextlib.asynccontextmanager
+async def reading(
+    site: Site, device: str = "t1", settings: FailoverSettings = FAST,
+    servers: list[str] | None = None,
+) -> AsyncIterator[Reader]:
+    stream = VDiskStream(servers or site.addresses, "disk", device, settings=settings)
+    await stream.open()
+    reader = Reader(stream, site.data)
+    task = asyncio.create_task(reader.run())
+    try:
+        yield reader
+    finally:
+        reader.stop()
+        async with asyncio.timeout(60):
+            await task
+        await stream.close()
+    assert reader.errors == [], reader.errors[:5]
+    assert reader.wrong == 0
+
+
+async def _until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _failover_under_reads(site: Site, act: str) -> None:
+    async with reading(site) as reader:
+        await _until(lambda: reader.bytes > 4 * MIB, 20, "first reads")
+        stream = reader.stream
+        first = stream.status()["server"]["name"]
+        victim = site.by_name(first)
+        read_before = reader.bytes
+        if act == "stop":
+            victim.signal(signal.SIGTERM)
+        elif act == "kill":
+            victim.kill()
+        else:
+            victim.freeze()
+        await _until(lambda: len(stream.history) >= 1, 15, "a failover")
+        await _until(lambda: reader.bytes > read_before + 2 * SIZE, 30, "reads after failover")
+        status = stream.status()
+        assert status["server"]["name"] != first
+        record = status["failovers"][0]
+        assert record["from"]["name"] == first
+        print(f"{act}: failover {record}, longest wait {status['longest_wait_ms']} ms")
+        if act == "stop":
+            assert "relogin" in record["reason"]
+            victim.wait()
+            assert victim.returncode == 0
+    assert reader.passes >= 2
+
+
+async def test_stop_stream_by_sigterm_moves_the_target(site: Site) -> None:
+    await _failover_under_reads(site, "stop")
+
+
+async def test_killed_server(site: Site) -> None:
+    await _failover_under_reads(site, "kill")
+
+
+async def test_frozen_server(site: Site) -> None:
+    await _failover_under_reads(site, "freeze")
+
+
+async def test_targets_of_a_stopped_server_spread_over_the_rest(site: Site) -> None:
+    streams = []
+    try:
+        for n in range(6):  # all log in at s1 directly: s1 picks itself while least busy
+            stream = VDiskStream([site.servers[0].address], "disk", f"d{n}", settings=FAST)
+            await stream.open()
+            streams.append(stream)
+        on_s1 = [s for s in streams if s.status()["server"]["name"] == "s1"]
+        assert on_s1, "no target streams from s1"
+        site.servers[0].signal(signal.SIGTERM)
+        await _until(lambda: all(s.history for s in on_s1), 15, "every s1 target to move")
+        landed = Counter(s.status()["server"]["name"] for s in on_s1)
+        assert "s1" not in landed
+        if len(on_s1) >= 2:
+            assert len(landed) == 2, f"all moved targets landed on one server: {landed}"
+        for stream in streams:
+            assert await stream.read(SIZE - MIB, MIB) == random_bytes(SIZE, 7)[-MIB:]
+    finally:
+        for stream in streams:
+            await stream.close()
+
+
+async def test_rolling_stop_start_under_many_readers(site: Site) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        readers = [
+            await stack.enter_async_context(reading(site, f"roll{n}")) for n in range(6)
+        ]
+        await _until(lambda: all(r.bytes > MIB for r in readers), 20, "reads")
+        for server in site.servers:
+            server.stop()
+            await asyncio.sleep(0.5)
+            restart(server)
+            for other in site.servers:
+                if other is not server:
+                    await other.until_log("peer_up", peer=server.name, timeout=10) if (
+                        other.find_logs("peer_down", peer=server.name)
+                    ) else None
+            await asyncio.sleep(1.0)
+        longest = max(r.stream.longest_wait_ms for r in readers)
+        moves = sum(len(r.stream.history) for r in readers)
+        print(f"rolling restart: {moves} failovers, longest read wait {longest} ms")
+        assert moves >= len(readers)
+
+
+@pytest.mark.parametrize(
+    ("properties", "why"),
+    [
+        ({"load_balancing": "off", "fixed_server": "s1"}, "load balancing off"),
+        ({"mode": "private"}, "Private Image"),
+        ({"maintenance": "on"}, "maintenance"),
+    ],
+)
+async def test_no_failover_waits_for_its_server(
+    tmp_path: Path, properties: dict[str, str], why: str
+) -> None:
+    site = Site(tmp_path, **properties)
+    try:
+        site.start()
+        stream = VDiskStream([site.servers[0].address], "disk", "fixed", settings=FAST)
+        await stream.open()
+        try:
+            home = stream.status()["server"]["name"]
+            assert not stream.failover_allowed
+            server = site.by_name(home)
+            server.kill()
+            pending = asyncio.create_task(stream.read(0, MIB))
+            await _until(lambda: stream.state == "waiting" and stream.waiting_reason, 10, "wait")
+            status = stream.status()
+            assert home in status["waiting_reason"]
+            assert status["no_failover_reason"]
+            await asyncio.sleep(1.0)
+            assert not pending.done(), "the read must wait for its server, not go elsewhere"
+            restart(server)
+            async with asyncio.timeout(20):
+                assert await pending == site.data[:MIB]
+            assert stream.status()["server"]["name"] == home
+            assert stream.history[-1].to_server == home
+        finally:
+            await stream.close()
+    finally:
+        site.stop()
+    del why
+
+
+async def test_no_identical_replica_means_waiting_never_other_bytes(site: Site) -> None:
+    s1, s2, s3 = site.servers
+    stream = VDiskStream([s1.address], "disk", "pinned", settings=FAST)
+    await stream.open()
+    try:
+        home = site.by_name(stream.status()["server"]["name"])
+        others = [s for s in site.servers if s is not home]
+        # one other replica changes content (a different replica); the other server stops
+        changed = image_path(others[0].stores[0], "disk")
+        with changed.open("r+b") as handle:
+            handle.write(b"\xff" * 4096)
+        others[0].wait_for_log("identity_published", count=2, vdisk="disk")
+        others[1].stop()
+        home.kill()
+        pending = asyncio.create_task(stream.read(0, MIB))
+        await asyncio.sleep(3.0)
+        assert not pending.done(), "read went to a different replica or failed"
+        assert "identical" in stream.status()["waiting_reason"]
+        restart(others[1])
+        async with asyncio.timeout(20):
+            assert await pending == site.data[:MIB]
+        assert stream.status()["server"]["name"] == others[1].name
+    finally:
+        await stream.close()
+
+
+async def test_give_up_after_fails_reads_clearly(site: Site) -> None:
+    settings = FailoverSettings(
+        keepalive_interval=0.3, dead_after=1.0, connect_timeout=0.5, give_up_after=1.5
+    )
+    stream = VDiskStream(site.addresses, "disk", "quitter", settings=settings)
+    await stream.open()
+    try:
+        for server in site.servers:
+            server.kill()
+        with pytest.raises(GaveUp, match="no server could stream disk"):
+            async with asyncio.timeout(20):
+                await stream.read(0, MIB)
+    finally:
+        await stream.close()
+
+
+async def test_attach_status_shows_the_server_change(site: Site, tmp_path: Path) -> None:
+    control = tmp_path / "target.sock"
+    attach = subprocess.Popen(
+        [PYTHON, "-m", "pvs_target", "attach", "--server", site.servers[0].address,
+         "--vdisk", "disk", "--device-id", "attached", "--control", str(control)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert attach.stdout is not None
+        ready = json.loads(attach.stdout.readline())
+        assert ready["event"] == "attached"
+        before = _status(control)
+        assert before["server"]["address"] == ready["address"]
+        assert before["identity"]["digest"]
+        first = site.by_name(before["server"]["name"])
+        assert before["server"]["address"] == first.address
+        _pvsctl("--admin", f"{first.host}:{first.port + 1}", "--key-file", str(site.key),
+                "stop-stream", first.name)
+        deadline = time.monotonic() + 15
+        while (after := _status(control))["server"]["name"] == first.name:
+            assert time.monotonic() < deadline, "status never showed another server"
+            time.sleep(0.1)
+        assert after["server"]["address"] != first.address
+        assert after["failovers"][0]["from"]["address"] == first.address
+        text = subprocess.run(
+            [PYTHON, "-m", "pvs_target", "status", "--control", str(control)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        assert after["server"]["address"] in text
+    finally:
+        attach.send_signal(signal.SIGTERM)
+        try:
+            attach.wait(15)
+        except subprocess.TimeoutExpired:
+            attach.kill()
+            attach.wait()
+
+
+def _status(control: Path) -> dict[str, object]:
+    out = subprocess.run(
+        [PYTHON, "-m", "pvs_target", "status", "--control", str(control), "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
