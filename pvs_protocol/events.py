@@ -133,6 +133,8 @@ class Relogin:
 
     deadline_ms: int
     reason: str
+    site: tuple[str, ...] = ()
+    """Where to log in again: the servers of the site that are serving now."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -94,6 +94,12 @@ class _Reader:
                 ErrorCode.MALFORMED, f"{self._what}: string is not UTF-8"
             ) from None
 
+    def addresses(self) -> tuple[str, ...]:
+        count = self.take(1)[0]
+        if count > MAX_SITE_ADDRESSES:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: too many addresses")
+        return tuple(self.string() for _ in range(count))
+
     def identity(self) -> ReplicaIdentity:
         version, timestamp_ns, size, digest = _IDENTITY.unpack(self.take(_IDENTITY.size))
         return ReplicaIdentity(version, timestamp_ns, size, digest)
@@ -113,6 +119,12 @@ def _string(text: str) -> bytes:
     if len(raw) > MAX_STRING:
         raise ValueError(f"string of {len(raw)} bytes exceeds the {MAX_STRING}-byte limit")
     return struct.pack(">H", len(raw)) + raw
+
+
+def _addresses(addresses: tuple[str, ...]) -> bytes:
+    if len(addresses) > MAX_SITE_ADDRESSES:
+        raise ValueError(f"more than {MAX_SITE_ADDRESSES} site addresses")
+    return bytes([len(addresses)]) + b"".join(_string(a) for a in addresses)
 
 
 def _identity(identity: ReplicaIdentity) -> bytes:
@@ -165,11 +177,8 @@ def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
                 body += _string(avoid)
             return FrameType.LOGIN, body, 0, 0
         case ev.LoginOk(session, identity, block_size, mode, flags, name, address, site):
-            if len(site) > MAX_SITE_ADDRESSES:
-                raise ValueError(f"more than {MAX_SITE_ADDRESSES} site addresses")
             body = _LOGIN_OK_HEAD.pack(session, block_size, mode, flags)
-            body += _identity(identity) + _string(name) + _string(address)
-            body += bytes([len(site)]) + b"".join(_string(a) for a in site)
+            body += _identity(identity) + _string(name) + _string(address) + _addresses(site)
             return FrameType.LOGIN_OK, body, 0, 0
         case ev.Redirect(name, address, reason):
             return FrameType.REDIRECT, _string(name) + _string(address) + _string(reason), 0, 0
@@ -181,8 +190,9 @@ def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
             return FrameType.DONE, b"", request_id, 0
         case ev.Error(request_id, code, message):
             return FrameType.ERROR, _U32.pack(code) + _string(message), request_id, 0
-        case ev.Relogin(deadline_ms, reason):
-            return FrameType.RELOGIN, _U32.pack(deadline_ms) + _string(reason), 0, 0
+        case ev.Relogin(deadline_ms, reason, site):
+            body = _U32.pack(deadline_ms) + _string(reason) + _addresses(site)
+            return FrameType.RELOGIN, body, 0, 0
         case ev.Keepalive(token, reply):
             return FrameType.KEEPALIVE, _U64.pack(token), 0, FLAG_REPLY if reply else 0
         case ev.Goodbye(code, message):
@@ -235,11 +245,9 @@ def _login_ok(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"LOGIN_OK: unknown mode {mode}") from None
     identity = r.identity()
     name, address = r.string(), r.string()
-    count = r.take(1)[0]
-    if count > MAX_SITE_ADDRESSES:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "LOGIN_OK: too many site addresses")
-    site = tuple(r.string() for _ in range(count))
-    return ev.LoginOk(session, identity, block_size, mode, ev.LoginFlag(flags), name, address, site)
+    return ev.LoginOk(
+        session, identity, block_size, mode, ev.LoginFlag(flags), name, address, r.addresses()
+    )
 
 
 def _redirect(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
@@ -277,7 +285,7 @@ def _error(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Even
 
 def _relogin(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
     (deadline_ms,) = r.unpack(_U32)
-    return ev.Relogin(deadline_ms, r.string())
+    return ev.Relogin(deadline_ms, r.string(), r.addresses())
 
 
 def _keepalive(r: _Reader, _id: int, flags: int, _c: ev.Checksum) -> ev.Event:

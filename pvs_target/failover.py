@@ -326,12 +326,16 @@ class VDiskStream:
             return "Private Image on local storage"
         return "load balancing off or maintenance: one server provides it"
 
+    def _learn(self, addresses: tuple[str, ...]) -> None:
+        """Remember servers of the site, so that we can find it again if ours goes away."""
+        for address in addresses:
+            if address not in self.known_servers:
+                self.known_servers.append(address)
+
     def _install(self, session: Session, old: Session | None) -> None:
         if self.identity is None:
             self.identity = session.identity
-        for address in (session.connected_to, session.login_server, *session.site):
-            if address not in self.known_servers:
-                self.known_servers.append(address)
+        self._learn((session.connected_to, session.login_server, *session.site))
         session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)
         self.session = session
         self.state = "streaming"
@@ -369,9 +373,10 @@ class VDiskStream:
         self._lost_at, self._lost_wall = time.monotonic(), time.time()
         self._lost_reason = f"relogin requested: {notice.reason}"
         self._event_wait_ms = 0.0
-        servers, avoid, _ = self._plan(old)
         if not self.failover_allowed_for(old):
             return  # it will close; we then wait for it to come back
+        self._learn(notice.site)
+        servers, avoid, _ = self._plan(old)
         deadline = notice.deadline_ms / 1000
         try:
             session = await login(

@@ -82,7 +82,12 @@ class StreamServer:
         log.info("stream_service_stopping", targets=len(streaming), drain_seconds=deadline)
         for session in list(self.sessions):
             if session.streaming:
-                session.send(ev.Relogin(int(deadline * 1000), f"{self.config.name} is stopping"))
+                session.send(
+                    ev.Relogin(
+                        int(deadline * 1000), f"{self.config.name} is stopping",
+                        self._site_addresses(),
+                    )
+                )
             else:
                 session.close(ErrorCode.STOPPING, "server is stopping its stream service")
         waits = [session.wait_closed() for session in list(self.sessions)]

@@ -32,7 +32,9 @@ FAST = FailoverSettings(keepalive_interval=0.3, dead_after=1.0, connect_timeout=
 class Site:
     """Three servers holding identical replicas (cp -p) of vDisk ``disk``."""
 
-    def __init__(self, workdir: Path, count: int = 3, **properties: str) -> None:
+    def __init__(
+        self, workdir: Path, count: int = 3, powers: tuple[float, ...] = (), **properties: str
+    ) -> None:
         self.workdir = workdir
         self.key = workdir / "site.key"
         self.key.write_text(_keygen())
@@ -51,9 +53,11 @@ class Site:
         self.servers = [
             Pvsd(f"s{i}", workdir / f"store{i}", workdir) for i in range(1, count + 1)
         ]
-        for server in self.servers:
+        for index, server in enumerate(self.servers):
             peers = [p.address for p in self.servers if p is not server]
+            power = powers[index] if index < len(powers) else 1.0
             server.args = [
+                "--power", str(power),
                 "--key-file", str(self.key), "--peer-timeout", "2", "--drain-timeout", "5",
                 "--admin", f"{server.host}:{server.port + 1}",
                 *[arg for peer in peers for arg in ("--peer", peer)],
@@ -92,6 +96,14 @@ def _pvsctl(*args: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+async def stop_async(server: Pvsd, timeout: float = 20) -> None:
+    """SIGTERM and wait without blocking the event loop: the targets in this process must
+    go on running (and move away) while their server drains."""
+    server.signal(signal.SIGTERM)
+    await _until(lambda: not server.alive(), timeout, f"{server.name} to exit")
+    assert server.wait() == 0
 
 
 def restart(server: Pvsd) -> None:
@@ -181,7 +193,7 @@ async def _failover_under_reads(site: Site, act: str) -> None:
         victim = site.by_name(first)
         read_before = reader.bytes
         if act == "stop":
-            victim.signal(signal.SIGTERM)
+            stopping = asyncio.create_task(stop_async(victim))
         elif act == "kill":
             victim.kill()
         else:
@@ -195,8 +207,7 @@ async def _failover_under_reads(site: Site, act: str) -> None:
         print(f"{act}: failover {record}, longest wait {status['longest_wait_ms']} ms")
         if act == "stop":
             assert "relogin" in record["reason"]
-            victim.wait()
-            assert victim.returncode == 0
+            await stopping
     assert reader.passes >= 2
 
 
@@ -212,26 +223,30 @@ async def test_frozen_server(site: Site) -> None:
     await _failover_under_reads(site, "freeze")
 
 
-async def test_targets_of_a_stopped_server_spread_over_the_rest(site: Site) -> None:
+async def test_targets_of_a_stopped_server_spread_over_the_rest(tmp_path: Path) -> None:
+    site = Site(tmp_path)
     streams = []
     try:
-        for n in range(6):  # all log in at s1 directly: s1 picks itself while least busy
+        site.servers[0].start(vdisks=["disk"])  # s1 alone takes every target
+        for n in range(8):
             stream = VDiskStream([site.servers[0].address], "disk", f"d{n}", settings=FAST)
             await stream.open()
             streams.append(stream)
-        on_s1 = [s for s in streams if s.status()["server"]["name"] == "s1"]
-        assert on_s1, "no target streams from s1"
-        site.servers[0].signal(signal.SIGTERM)
-        await _until(lambda: all(s.history for s in on_s1), 15, "every s1 target to move")
-        landed = Counter(s.status()["server"]["name"] for s in on_s1)
-        assert "s1" not in landed
-        if len(on_s1) >= 2:
-            assert len(landed) == 2, f"all moved targets landed on one server: {landed}"
+        assert {s.status()["server"]["name"] for s in streams} == {"s1"}
+        for server in site.servers[1:]:
+            server.start(vdisks=["disk"])
+            site.servers[0].wait_for_log("peer_inventory", peer=server.name)
+        await stop_async(site.servers[0])
+        await _until(lambda: all(s.history for s in streams), 15, "every target to move")
+        landed = Counter(s.status()["server"]["name"] for s in streams)
+        assert set(landed) == {"s2", "s3"} and min(landed.values()) >= 2, landed
         for stream in streams:
-            assert await stream.read(SIZE - MIB, MIB) == random_bytes(SIZE, 7)[-MIB:]
+            assert await stream.read(SIZE - MIB, MIB) == site.data[-MIB:]
+            assert stream.longest_wait_ms < 1000, "a planned move must not make reads wait"
     finally:
         for stream in streams:
             await stream.close()
+        site.stop()
 
 
 async def test_rolling_stop_start_under_many_readers(site: Site) -> None:
@@ -241,7 +256,7 @@ async def test_rolling_stop_start_under_many_readers(site: Site) -> None:
         ]
         await _until(lambda: all(r.bytes > MIB for r in readers), 20, "reads")
         for server in site.servers:
-            server.stop()
+            await stop_async(server)
             await asyncio.sleep(0.5)
             restart(server)
             for other in site.servers:

@@ -201,7 +201,7 @@ def test_header_layout() -> None:
         (ev.HelloReply(1, 65536, 64, ev.Checksum.CRC32, ""), ev.Checksum.NONE,
          "5056 81 00 0000000d 0000000000000000 0001 00010000 00000040 01 0000"),
         (ev.Relogin(5000, ""), ev.Checksum.NONE,
-         "5056 87 00 00000006 0000000000000000 00001388 0000"),
+         "5056 87 00 00000007 0000000000000000 00001388 0000 00"),
     ],
 )
 def test_encoding(event: ev.Event, checksum: ev.Checksum, expected: str) -> None:
