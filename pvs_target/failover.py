@@ -97,6 +97,8 @@ class VDiskStream:
         self.settings = settings or FailoverSettings()
         self.log = (log or structlog.get_logger("pvs_target")).bind(vdisk=vdisk)
         self.session: Session | None = None
+        self.last_session: Session | None = None
+        """The latest session, kept while we wait for the next: it says what we stream."""
         self.identity: ReplicaIdentity | None = None
         self.history: list[FailoverRecord] = []
         self.known_servers: list[str] = list(servers)
@@ -143,22 +145,23 @@ class VDiskStream:
 
     @property
     def block_size(self) -> int:
-        assert self.session is not None, "open() first"
-        return self.session.block_size
+        assert self.last_session is not None, "open() first"
+        return self.last_session.block_size
 
     @property
     def read_only(self) -> bool:
-        assert self.session is not None, "open() first"
-        return self.session.read_only
+        assert self.last_session is not None, "open() first"
+        return self.last_session.read_only
 
     @property
     def mode(self) -> Mode:
-        assert self.session is not None, "open() first"
-        return Mode.from_code(self.session.mode)
+        assert self.last_session is not None, "open() first"
+        return Mode.from_code(self.last_session.mode)
 
     @property
     def failover_allowed(self) -> bool:
-        return self.session is not None and ev.LoginFlag.FAILOVER in self.session.flags
+        last = self.last_session
+        return last is not None and ev.LoginFlag.FAILOVER in last.flags
 
     @property
     def max_request(self) -> int:
@@ -337,7 +340,7 @@ class VDiskStream:
             self.identity = session.identity
         self._learn((session.connected_to, session.login_server, *session.site))
         session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)
-        self.session = session
+        self.session = self.last_session = session
         self.state = "streaming"
         self.waiting_reason = ""
         took = (time.monotonic() - self._lost_at) * 1000
@@ -433,6 +436,7 @@ class VDiskStream:
 
     def status(self) -> dict[str, Any]:
         session = self.session
+        last = self.last_session
         identity = self.identity
         return {
             "vdisk": self.vdisk,
@@ -440,11 +444,11 @@ class VDiskStream:
             "state": self.state,
             "waiting_reason": self.waiting_reason,
             "identity": identity.to_json() if identity else None,
-            "mode": self.mode.value if session else None,
-            "read_only": session.read_only if session else None,
+            "mode": self.mode.value if last else None,
+            "read_only": last.read_only if last else None,
             "failover": self.failover_allowed,
             "no_failover_reason": (
-                self._no_failover_reason(session) if session and not self.failover_allowed else ""
+                self._no_failover_reason(last) if last and not self.failover_allowed else ""
             ),
             "server": (
                 {"name": session.server_name, "address": session.connected_to} if session else None

@@ -389,6 +389,8 @@ async def test_attach_status_shows_the_server_change(site: Site, tmp_path: Path)
         except subprocess.TimeoutExpired:
             attach.kill()
             attach.wait()
+        if attach.stdout is not None:
+            attach.stdout.close()
 
 
 def _status(control: Path) -> dict[str, object]:
