@@ -303,6 +303,13 @@ class VDiskStream:
             self._install(session, old)
             return
 
+    def _pin(self, old: Session | None) -> ReplicaIdentity | None:
+        """Pin the identity of a read-only image; a Private Image changes with our own
+        writes, so there the one writer's lock, not the identity, keeps it consistent."""
+        if old is not None and not old.read_only:
+            return None
+        return self.identity
+
     def _plan(self, old: Session | None) -> tuple[list[str], str, bool]:
         """Where to log in: the site (not the lost server) when failover is allowed, else
         straight back to the one server that provides the vDisk."""

@@ -33,6 +33,7 @@ async def serve(config: config_module.Config) -> None:
         if config.site_key:
             site = Site(config, server.local_state, server.advertised)
             server.site = site
+            site.on_peer_down.append(server.peer_down)
             catalog.on_change(lambda _name, _vdisk: site.inventory_changed())
             background.append(group.create_task(site.run()))
         admin = AdminServer(config, server)

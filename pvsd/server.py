@@ -13,7 +13,7 @@ from pvs_protocol import wire
 from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
-from pvsd import balance
+from pvsd import balance, locks
 from pvsd.config import Config, format_address
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry
@@ -177,11 +177,33 @@ class StreamServer:
         flags = ev.LoginFlag.READ_ONLY if props.mode is Mode.standard else ev.LoginFlag(0)
         if balance.failover_allowed(self.replica(vdisk)):
             flags |= ev.LoginFlag.FAILOVER
+        session_id = new_session_id()
+        if props.mode is Mode.private:
+            owner = locks.Owner(self.config.name, session_id, login.device_id, time.time())
+            try:
+                locks.acquire(vdisk.path, owner, alive=self._writer_alive)
+            except locks.Busy as busy:
+                return ev.Error(0, ErrorCode.BUSY, str(busy))
         return vdisk, ev.LoginOk(
-            session_id=new_session_id(), identity=identity, block_size=props.block_size,
+            session_id=session_id, identity=identity, block_size=props.block_size,
             mode=props.mode.code, flags=flags, server_name=self.config.name,
             server_address=self.advertised, site=self._site_addresses(),
         )
+
+    def _writer_alive(self, owner: locks.Owner) -> bool:
+        """Whether a lock holder still writes: our own session, or a server the site sees."""
+        if owner.server == self.config.name:
+            return any(s.session_id == owner.session for s in self.sessions)
+        if self.site is None:
+            return True  # a server we cannot see may well be alive: never steal its lock
+        peer = self.site.peers.get(owner.server)
+        return peer is None or peer.up
+
+    def peer_down(self, name: str) -> None:
+        """A declared-down server cannot release its writer locks: release them for it."""
+        for vdisk in self.catalog.values():
+            if vdisk.store.shared and vdisk.properties.mode is Mode.private:
+                locks.release_server(vdisk.path, name)
 
     def _site_addresses(self) -> tuple[str, ...]:
         if self.site is None:

@@ -25,6 +25,8 @@ from pvs_protocol import events as ev
 from pvs_protocol.connection import Connection, Phase, Role, negotiate
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.identity import ReplicaIdentity
+from pvs_protocol.modes import Mode
+from pvsd import locks
 from pvsd.names import InvalidName, validate_name
 
 if TYPE_CHECKING:
@@ -104,6 +106,10 @@ class Session(asyncio.Protocol):
         for future in self._pending:
             future.cancel()
         self.server.unregister(self)
+        if self.write_fd is not None and self.vdisk is not None:
+            os.close(self.write_fd)
+            self.write_fd = None
+            locks.release(self.vdisk.path, self.session_id)
         if self.conn.phase is not Phase.CLOSED:
             self._log.info(
                 "target_disconnected", reason=str(exc) if exc else "closed by target",
@@ -202,6 +208,14 @@ class Session(asyncio.Protocol):
                 self.transport.close()
             return
         vdisk, reply = decision
+        if vdisk.properties.mode is Mode.private:  # we hold its writer lock now
+            try:
+                self.write_fd = os.open(vdisk.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as error:
+                locks.release(vdisk.path, reply.session_id)
+                self._refuse(ErrorCode.IO_ERROR, f"cannot open {vdisk.name} for writing: "
+                             f"{error.strerror}; check the image file's permissions", login)
+                return
         self.vdisk, self.device_id, self.session_id = vdisk, login.device_id, reply.session_id
         self.identity = reply.identity
         self.image = vdisk.file

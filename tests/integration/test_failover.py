@@ -308,11 +308,11 @@ async def test_no_failover_waits_for_its_server(
             await stream.close()
     finally:
         site.stop()
-    del why
+
 
 
 async def test_no_identical_replica_means_waiting_never_other_bytes(site: Site) -> None:
-    s1, s2, s3 = site.servers
+    s1 = site.servers[0]
     stream = VDiskStream([s1.address], "disk", "pinned", settings=FAST)
     await stream.open()
     try:
