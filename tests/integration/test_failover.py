@@ -10,115 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
-import shutil
 import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from harness import PYTHON, Pvsd, image_path, make_vdisk, random_bytes
+from harness import PYTHON, image_path
+from sites import SIZE, Site, pvsctl, restart, stop_async, until
 
 from pvs_target.failover import FailoverSettings, GaveUp, VDiskStream
 
 MIB = 1 << 20
-SIZE = 16 * MIB
 FAST = FailoverSettings(keepalive_interval=0.3, dead_after=1.0, connect_timeout=1.0)
-
-
-class Site:
-    """Three servers holding identical replicas (cp -p) of vDisk ``disk``."""
-
-    def __init__(
-        self, workdir: Path, count: int = 3, powers: tuple[float, ...] = (), **properties: str
-    ) -> None:
-        self.workdir = workdir
-        self.key = workdir / "site.key"
-        self.key.write_text(_keygen())
-        first = workdir / "store1"
-        make_vdisk(first, "disk", SIZE, seed=7)
-        if properties:
-            args = [f"--{k.replace('_', '-')}={v}" for k, v in properties.items()]
-            _pvsctl("vdisk", "set", "disk", "--store", str(first), *args)
-        for index in range(2, count + 1):
-            store = workdir / f"store{index}"
-            store.mkdir()
-            for file in first.glob("disk.*"):
-                if not file.name.endswith(".identity.json"):
-                    shutil.copy2(file, store / file.name)
-        self.data = random_bytes(SIZE, 7)
-        self.servers = [
-            Pvsd(f"s{i}", workdir / f"store{i}", workdir) for i in range(1, count + 1)
-        ]
-        for index, server in enumerate(self.servers):
-            peers = [p.address for p in self.servers if p is not server]
-            power = powers[index] if index < len(powers) else 1.0
-            server.args = [
-                "--power", str(power),
-                "--key-file", str(self.key), "--peer-timeout", "2", "--drain-timeout", "5",
-                "--admin", f"{server.host}:{server.port + 1}",
-                *[arg for peer in peers for arg in ("--peer", peer)],
-            ]
-
-    def start(self) -> None:
-        for server in self.servers:
-            server.start(vdisks=["disk"])
-        for server in self.servers:  # every server has heard every other
-            for other in self.servers:
-                if other is not server:
-                    server.wait_for_log("peer_inventory", peer=other.name)
-
-    def stop(self) -> None:
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                server.stop()
-            server.kill()
-
-    def by_name(self, name: str) -> Pvsd:
-        return next(s for s in self.servers if s.name == name)
-
-    @property
-    def addresses(self) -> list[str]:
-        return [s.address for s in self.servers]
-
-
-def _keygen() -> str:
-    return secrets.token_hex(32) + "\n"  # what 'pvsctl site keygen' writes
-
-
-def _pvsctl(*args: str) -> str:
-    result = subprocess.run(
-        [PYTHON, "-m", "pvsd.ctl", *args], capture_output=True, text=True, timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-async def stop_async(server: Pvsd, timeout: float = 20) -> None:
-    """SIGTERM and wait without blocking the event loop: the targets in this process must
-    go on running (and move away) while their server drains."""
-    server.signal(signal.SIGTERM)
-    await _until(lambda: not server.alive(), timeout, f"{server.name} to exit")
-    assert server.wait() == 0
-
-
-def restart(server: Pvsd) -> None:
-    server.process = None
-    server.start(vdisks=["disk"])
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    built = Site(tmp_path)
-    try:
-        built.start()
-        yield built
-    finally:
-        built.stop()
 
 
 class Reader:
@@ -177,17 +83,9 @@ async def reading(
     assert reader.wrong == 0
 
 
-async def _until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def _failover_under_reads(site: Site, act: str) -> None:
     async with reading(site) as reader:
-        await _until(lambda: reader.bytes > 4 * MIB, 20, "first reads")
+        await until(lambda: reader.bytes > 4 * MIB, 20, "first reads")
         stream = reader.stream
         first = stream.status()["server"]["name"]
         victim = site.by_name(first)
@@ -198,8 +96,8 @@ async def _failover_under_reads(site: Site, act: str) -> None:
             victim.kill()
         else:
             victim.freeze()
-        await _until(lambda: len(stream.history) >= 1, 15, "a failover")
-        await _until(lambda: reader.bytes > read_before + 2 * SIZE, 30, "reads after failover")
+        await until(lambda: len(stream.history) >= 1, 15, "a failover")
+        await until(lambda: reader.bytes > read_before + 2 * SIZE, 30, "reads after failover")
         status = stream.status()
         assert status["server"]["name"] != first
         record = status["failovers"][0]
@@ -237,7 +135,7 @@ async def test_targets_of_a_stopped_server_spread_over_the_rest(tmp_path: Path) 
             server.start(vdisks=["disk"])
             site.servers[0].wait_for_log("peer_inventory", peer=server.name)
         await stop_async(site.servers[0])
-        await _until(lambda: all(s.history for s in streams), 15, "every target to move")
+        await until(lambda: all(s.history for s in streams), 15, "every target to move")
         landed = Counter(s.status()["server"]["name"] for s in streams)
         assert set(landed) == {"s2", "s3"} and min(landed.values()) >= 2, landed
         for stream in streams:
@@ -254,7 +152,7 @@ async def test_rolling_stop_start_under_many_readers(site: Site) -> None:
         readers = [
             await stack.enter_async_context(reading(site, f"roll{n}")) for n in range(6)
         ]
-        await _until(lambda: all(r.bytes > MIB for r in readers), 20, "reads")
+        await until(lambda: all(r.bytes > MIB for r in readers), 20, "reads")
         for server in site.servers:
             await stop_async(server)
             await asyncio.sleep(0.5)
@@ -293,7 +191,7 @@ async def test_no_failover_waits_for_its_server(
             server = site.by_name(home)
             server.kill()
             pending = asyncio.create_task(stream.read(0, MIB))
-            await _until(lambda: stream.state == "waiting" and stream.waiting_reason, 10, "wait")
+            await until(lambda: stream.state == "waiting" and stream.waiting_reason, 10, "wait")
             status = stream.status()
             assert home in status["waiting_reason"]
             assert status["no_failover_reason"]
@@ -369,7 +267,7 @@ async def test_attach_status_shows_the_server_change(site: Site, tmp_path: Path)
         assert before["identity"]["digest"]
         first = site.by_name(before["server"]["name"])
         assert before["server"]["address"] == first.address
-        _pvsctl("--admin", f"{first.host}:{first.port + 1}", "--key-file", str(site.key),
+        pvsctl("--admin", f"{first.host}:{first.port + 1}", "--key-file", str(site.key),
                 "stop-stream", first.name)
         deadline = time.monotonic() + 15
         while (after := _status(control))["server"]["name"] == first.name:
