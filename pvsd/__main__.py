@@ -56,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pvsd: {error}", file=sys.stderr)
         return 2
     configure(json=config.log_json, level=config.log_level, name=config.name)
+    failed = False
     try:
         _run(serve(config))
-    except OSError as error:
-        log.error("cannot_start", error=str(error), hint="is the address in use or not local?")
-        return 1
-    return 0
+    except* OSError as group:  # raised inside the TaskGroup, so it comes as a group
+        failed = True
+        for failure in group.exceptions:
+            log.error(
+                "cannot_start", error=str(failure), hint="is the address in use or not local?"
+            )
+    return 1 if failed else 0
 
 
 def _run(coro: object) -> None:

@@ -225,6 +225,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             "peers are configured but no site key: give --key-file FILE (pvsctl site keygen)"
         )
+    if config.admin_host and not config.site_key:
+        raise ConfigError(
+            "the admin API needs the site key to authenticate requests: give --key-file FILE "
+            "(pvsctl site keygen), or --admin off"
+        )
     if not 0.1 <= config.power <= 1000:
         raise ConfigError("power must be between 0.1 and 1000")
     for subnet in config.subnets:

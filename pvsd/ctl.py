@@ -1,9 +1,11 @@
 """pvsctl: the administrator's console.
 
-Every command group (``vdisk`` now; servers, targets, stop-stream later) registers its
-subcommands in one ``_add_*_commands`` function listed in `_COMMAND_GROUPS`; a handler takes the
-parsed arguments and either returns or raises `UserError`. `main` turns user errors into one line
-on stderr and exit code 2, because a traceback tells an administrator nothing they can act on.
+Every command group registers its subcommands in one ``_add_*_commands`` function listed in
+`_COMMAND_GROUPS`: ``vdisk`` here works on a local store; the site-wide commands (servers,
+vdisks, targets, stop-stream, start-stream, site) are in `pvsd.console.commands` and talk to any
+server's admin API (``--admin HOST:PORT --key-file FILE``). A handler takes the parsed arguments
+and either returns or raises `UserError`. `main` turns user errors into one line on stderr and
+exit code 2, because a traceback tells an administrator nothing they can act on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from rich.table import Table
 
 from pvs_protocol.modes import Mode, SubnetAffinity
 from pvsd import logs
+from pvsd.config import ConfigError
+from pvsd.console import UserError
+from pvsd.console.client import add_global_options, admin_requested, options_parser
+from pvsd.console.commands import add_site_commands, set_through_admin
+from pvsd.console.tables import human_size
 from pvsd.names import InvalidName, validate_name
 from pvsd.properties import (
     PropertiesError,
@@ -54,10 +61,6 @@ _UNITS: dict[str, int] = {"": 1, "b": 1} | {
 _MAGIC = ((b"QFI\xfb", "qcow2"), (b"vhdxfile", "vhdx"), (b"KDMV", "vmdk"), (b"conectix", "vpc"))
 
 
-class UserError(Exception):
-    """Something the administrator can fix; the message says what failed and what to do."""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure()  # to stderr, so that `show --json` output stays clean
     try:
         args.handler(args)
-    except (UserError, InvalidName, PropertiesError, OSError) as error:
+    except (UserError, InvalidName, PropertiesError, ConfigError, OSError) as error:
         print(f"pvsctl: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -77,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvsctl", description="Administer a pvs site.")
+    add_global_options(parser)
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     for add_commands in _COMMAND_GROUPS:
         add_commands(groups)
@@ -105,9 +109,12 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     import_.add_argument("--description", default="")
     import_.set_defaults(handler=_import)
 
-    set_ = commands.add_parser("set", help="change a vDisk's properties")
+    set_ = commands.add_parser(
+        "set", parents=[options_parser()],
+        help="change a vDisk's properties: in one store (--store), or on every server (--admin)",
+    )
     set_.add_argument("name")
-    set_.add_argument("--store", required=True, type=Path)
+    set_.add_argument("--store", type=Path, help="edit the properties file in this store")
     set_.add_argument("--mode", choices=modes)
     set_.add_argument("--maintenance", choices=("on", "off"))
     set_.add_argument("--version", type=int)
@@ -117,16 +124,18 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     set_.add_argument("--description")
     set_.set_defaults(handler=_set)
 
-    show = commands.add_parser("show", help="list vDisks with properties and identity")
+    show = commands.add_parser(
+        "show", parents=[options_parser(connection=False)],
+        help="list vDisks in local stores with properties and identity",
+    )
     show.add_argument("name", nargs="?")
     show.add_argument("--store", required=True, type=Path, action="append", help="repeatable")
-    show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_show)
 
 
 _COMMAND_GROUPS: tuple[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...
-] = (_add_vdisk_commands,)
+] = (_add_vdisk_commands, add_site_commands)
 
 
 def _create(args: argparse.Namespace) -> None:
@@ -137,7 +146,7 @@ def _create(args: argparse.Namespace) -> None:
     )
     with _staged(image) as temporary:
         os.truncate(temporary, size)
-    print(f"created vDisk {args.name}: {_human(size)}, {args.mode}, in {image}")
+    print(f"created vDisk {args.name}: {human_size(size)}, {args.mode}, in {image}")
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -164,14 +173,23 @@ def _import(args: argparse.Namespace) -> None:
         save_properties(
             properties_path(image), VDiskProperties(Mode(args.mode), description=args.description)
         )
-    print(f"imported {source} ({image_format}) as vDisk {args.name}: {_human(size)}, in {image}")
+    print(
+        f"imported {source} ({image_format}) as vDisk {args.name}: {human_size(size)}, in {image}"
+    )
 
 
 def _set(args: argparse.Namespace) -> None:
-    store = _store_directory(args.store)
-    image = store / f"{validate_name(args.name)}.img"
-    if not image.exists():
-        raise UserError(f"no vDisk {args.name} in {store}; see `pvsctl vdisk show --store {store}`")
+    validate_name(args.name)
+    if args.store is not None and args.admin:
+        raise UserError(
+            "give either --store (edit the file in that store) or --admin (change it on every "
+            "server of the site), not both"
+        )
+    if args.store is None and not admin_requested(args):
+        raise UserError(
+            "where? give --admin HOST:PORT to change it on every server of the site, or --store "
+            "DIR to edit one store's file"
+        )
     options: dict[str, Any] = {
         "mode": args.mode and Mode(args.mode),
         "maintenance": _on_off(args.maintenance),
@@ -184,6 +202,13 @@ def _set(args: argparse.Namespace) -> None:
     changes = {key: value for key, value in options.items() if value is not None}
     if not changes:
         raise UserError("nothing to change; pass at least one option, e.g. --version 2")
+    if args.store is None:
+        set_through_admin(args, changes)
+        return
+    store = _store_directory(args.store)
+    image = store / f"{args.name}.img"
+    if not image.exists():
+        raise UserError(f"no vDisk {args.name} in {store}; see `pvsctl vdisk show --store {store}`")
     path = properties_path(image)
     current = load_properties(path)  # a broken file is reported as it is, by file and key
     try:
@@ -214,7 +239,7 @@ def _show(args: argparse.Namespace) -> None:
         properties = vdisk.properties
         table.add_row(
             vdisk.name,
-            _human(vdisk.size),
+            human_size(vdisk.size),
             str(properties.mode),
             str(properties.version),
             "on" if properties.maintenance else "off",
@@ -383,15 +408,6 @@ def _on_off_text(value: object) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 if __name__ == "__main__":

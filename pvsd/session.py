@@ -63,6 +63,7 @@ class Session(asyncio.Protocol):
         self._pending: set[asyncio.Future[ev.Event]] = set()
         self.identity: ReplicaIdentity | None = None
         self.image: ImageFile | None = None
+        self._stat_at_login: tuple[int, int, int] = (0, 0, 0)
         """Held for the whole session, so a replaced image's descriptor cannot be reused."""
         self.write_fd: int | None = None
         """Open only for the one writer of a Private Image vDisk."""
@@ -87,14 +88,21 @@ class Session(asyncio.Protocol):
         self._arm_timer(self.server.config.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.last_heard = time.monotonic()
         self.conn.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every whole frame received, unless the target is not reading our replies:
+        then requests wait in the receive buffer (bounded by TCP) until it catches up."""
         try:
             while self.transport is not None and not self.transport.is_closing():
+                if self._paused:
+                    return
                 event = self.conn.next_event()
                 if event is ev.NEED_DATA:
                     break
                 assert not isinstance(event, ev.NeedData)
+                self.last_heard = time.monotonic()  # whole frames only keep a session alive
                 self._handle(event)
         except ProtocolError as error:
             self._log.warning("protocol_error", code=error.code.name, error=error.message)
@@ -129,6 +137,7 @@ class Session(asyncio.Protocol):
         self._paused = False
         if self.transport is not None:
             self.transport.resume_reading()
+            self._process()
 
     # -- public -----------------------------------------------------------------------------
 
@@ -219,6 +228,7 @@ class Session(asyncio.Protocol):
         self.vdisk, self.device_id, self.session_id = vdisk, login.device_id, reply.session_id
         self.identity = reply.identity
         self.image = vdisk.file
+        self._stat_at_login = (vdisk.stat.size, vdisk.stat.mtime_ns, vdisk.stat.ctime_ns)
         self._log = self._log.bind(device=login.device_id, vdisk=vdisk.name)
         self.send(reply)
         self._arm_timer(self.server.config.idle_timeout)
@@ -244,13 +254,25 @@ class Session(asyncio.Protocol):
                 f"({vdisk.size} bytes)",
             )
             return None
-        if self.write_fd is None and vdisk.identity != self.identity:
+        if self.write_fd is None and (
+            vdisk.identity != self.identity or self._changed_since_login(image)
+        ):
             self._request_error(
                 request_id, ErrorCode.NO_IDENTICAL_REPLICA,
                 f"replica of {vdisk.name} changed since login: log in again",
             )
             return None
         return image
+
+    def _changed_since_login(self, image: ImageFile) -> bool:
+        """Whether the image was written since login, before the store's poll notices: an
+        fstat is cheap next to a read, and a session must never get bytes of another replica."""
+        try:
+            result = os.fstat(image.fd)
+        except OSError:
+            return True
+        key = (result.st_size, result.st_mtime_ns, result.st_ctime_ns)
+        return key != self._stat_at_login
 
     def _request_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self._log.warning("request_refused", request=request_id, code=code.name, error=message)

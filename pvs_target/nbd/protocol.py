@@ -59,10 +59,6 @@ adapter) rather than spend a link's time on it. Valid WRITEs are at most the max
 size (32 MiB), so no honest client gets here."""
 
 _PAYLOAD_KINDS = frozenset({CommandKind.WRITE})
-_RANGE_KINDS = frozenset(
-    {CommandKind.READ, CommandKind.WRITE, CommandKind.TRIM, CommandKind.CACHE,
-     CommandKind.WRITE_ZEROES}
-)
 _SIZED_KINDS = frozenset({CommandKind.READ, CommandKind.WRITE, CommandKind.CACHE})
 """Kinds whose length the maximum block size bounds (TRIM and WRITE_ZEROES carry no data)."""
 _WRITING_KINDS = frozenset({CommandKind.WRITE, CommandKind.TRIM, CommandKind.WRITE_ZEROES})
@@ -217,8 +213,8 @@ class NbdServerConnection:
         if data is None:
             return NEED_DATA
         (flags,) = wire.CLIENT_FLAGS.unpack(data)
-        known = wire.ClientFlag.FIXED_NEWSTYLE | wire.ClientFlag.NO_ZEROES
-        if flags & ~known:
+        known = int(wire.ClientFlag.FIXED_NEWSTYLE | wire.ClientFlag.NO_ZEROES)
+        if flags & ~known:  # (~ of an IntFlag would keep only its own bits)
             raise NbdProtocolError("bad_client_flags", f"unknown client flags {flags:#x}")
         self.no_zeroes = bool(flags & wire.ClientFlag.NO_ZEROES)
         self.phase = Phase.OPTIONS
@@ -287,7 +283,7 @@ class NbdServerConnection:
         return self._reply_option(option, Reply.ERR_UNSUP, "not supported by this server")
 
     def _export_name(self, data: bytes) -> Event:
-        name = _decode_name(data)
+        name = wire.decode_name(data)
         if name is None or not self._is_our_export(name):
             raise NbdProtocolError(
                 "unknown_export", f"EXPORT_NAME {data[:64]!r}: no such export (cannot refuse)"
@@ -298,7 +294,7 @@ class NbdServerConnection:
         return TransmissionStarted(name, flags, self.structured_replies, Option.EXPORT_NAME)
 
     def _info_or_go(self, option: int, data: bytes) -> Event:
-        parsed = _parse_info_request(data)
+        parsed = wire.parse_info_request(data)
         if parsed is None:
             return self._reply_option(option, Reply.ERR_INVALID, "malformed request")
         name, requests = parsed
@@ -340,7 +336,7 @@ class NbdServerConnection:
         self._outgoing.append(header + payload)
 
     def _reply_option(self, option: int, reply: Reply, message: str = "") -> Event:
-        self._queue_option_reply(option, reply, _encode_message(message))
+        self._queue_option_reply(option, reply, wire.encode_message(message))
         return OptionHandled(option, reply, message)
 
     def _transmission_flags(self) -> TransmissionFlag:
@@ -365,14 +361,14 @@ class NbdServerConnection:
     def _enter_transmission(self) -> TransmissionFlag:
         flags = self._transmission_flags()
         self.transmission_flags = flags
+        # Plain ints: ~ of an IntFlag keeps only the flag's own bits, hiding unknown ones.
         fua = int(CommandFlag.FUA) if flags & TransmissionFlag.SEND_FUA else 0
-        self._allowed_flags = {kind: fua for kind in CommandKind}
+        allowed = {int(kind): fua for kind in CommandKind}
         if flags & TransmissionFlag.SEND_DF:
-            self._allowed_flags[CommandKind.READ] |= CommandFlag.DF
+            allowed[CommandKind.READ] |= int(CommandFlag.DF)
         if flags & TransmissionFlag.SEND_WRITE_ZEROES:
-            self._allowed_flags[CommandKind.WRITE_ZEROES] |= (
-                CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO
-            )
+            allowed[CommandKind.WRITE_ZEROES] |= int(CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO)
+        self._allowed_flags = allowed
         self.phase = Phase.TRANSMISSION
         self._read = _Read.REQUEST
         return flags
@@ -489,21 +485,13 @@ class NbdServerConnection:
         self._buffer.clear()
         self._position = 0
 
-    # -- replies ----------------------------------------------------------------------------
+    # -- replies (bytes from wire.py; only the negotiated reply style is decided here) ------
 
     def reply_read(self, handle: int, offset: int, data: Buffer) -> list[Buffer]:
         """The reply to a successful READ of ``len(data)`` bytes at ``offset``: header and
-        payload as separate buffers (for ``writelines``; nothing is copied)."""
-        if self.structured_replies:
-            if not data:  # OFFSET_DATA must carry at least one byte
-                return [wire.CHUNK.pack(wire.STRUCTURED_REPLY_MAGIC, wire.ReplyFlag.DONE,
-                                        wire.ChunkType.NONE, handle, 0)]
-            header = wire.CHUNK_OFFSET_DATA.pack(
-                wire.STRUCTURED_REPLY_MAGIC, wire.ReplyFlag.DONE, wire.ChunkType.OFFSET_DATA,
-                handle, len(data) + 8, offset,
-            )
-            return [header, data]
-        return [wire.SIMPLE_REPLY.pack(wire.SIMPLE_REPLY_MAGIC, 0, handle), data]
+        payload as separate buffers, for ``writelines`` (nothing is copied). With structured
+        replies: one OFFSET_DATA chunk flagged DONE (NONE for an empty read)."""
+        return wire.read_reply(self.structured_replies, handle, offset, data)
 
     def reply_ok(self, handle: int) -> bytes:
         """The reply to a successful request other than READ (a simple reply is always
@@ -514,54 +502,13 @@ class NbdServerConnection:
         self, handle: int, kind: int, error: NbdError, message: str = "",
         offset: int | None = None,
     ) -> bytes:
-        """The reply for a failed request: an error chunk carrying ``message`` (and
-        ``offset``, where the command allows ERROR_OFFSET) with structured replies, else a
-        simple reply with the error number."""
+        """The reply for a failed request: with structured replies an ERROR chunk carrying
+        ``message`` (ERROR_OFFSET with ``offset`` where the command allows it), else a simple
+        reply with the error number."""
         if not self.structured_replies:
             return wire.SIMPLE_REPLY.pack(wire.SIMPLE_REPLY_MAGIC, error, handle)
-        text = _encode_message(message)
-        payload = wire.ERROR_PAYLOAD.pack(error, len(text)) + text
-        chunk_type = wire.ChunkType.ERROR
-        if offset is not None and kind in _ERROR_OFFSET_KINDS:
-            chunk_type = wire.ChunkType.ERROR_OFFSET
-            payload += wire.U64.pack(offset)
-        header = wire.CHUNK.pack(
-            wire.STRUCTURED_REPLY_MAGIC, wire.ReplyFlag.DONE, chunk_type, handle, len(payload)
-        )
-        return header + payload
-
-
-def _decode_name(data: bytes) -> str | None:
-    if len(data) > wire.MAX_STRING or b"\0" in data:
-        return None
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-def _parse_info_request(data: bytes) -> tuple[str | None, frozenset[int]] | None:
-    """(export name or None if not a valid string, info types asked) of INFO/GO data, or None
-    when the data does not hold together."""
-    if len(data) < 6:
-        return None
-    (name_length,) = wire.U32.unpack_from(data, 0)
-    if name_length > len(data) - 6:
-        return None
-    name = _decode_name(data[4 : 4 + name_length])
-    at = 4 + name_length
-    (count,) = wire.U16.unpack_from(data, at)
-    if len(data) != at + 2 + 2 * count:
-        return None
-    requests = frozenset(wire.U16.unpack_from(data, at + 2 + 2 * i)[0] for i in range(count))
-    return name, requests
-
-
-def _encode_message(message: str) -> bytes:
-    data = message.encode()
-    if len(data) <= wire.MAX_STRING:
-        return data
-    return data[: wire.MAX_STRING].decode(errors="ignore").encode()
+        with_offset = offset if kind in _ERROR_OFFSET_KINDS else None
+        return wire.error_chunk(handle, error, message, with_offset)
 
 
 __all__ = ["DISCARD_LIMIT", "MAX_OPTIONS", "MAX_OPTION_DATA", "NbdServerConnection", "Phase"]

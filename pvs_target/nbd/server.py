@@ -225,6 +225,7 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._ending = False
         """No more requests are taken (DISC, ABORT, shutdown, protocol error, lost link)."""
         self._lost = False
+        self._draining = False
         self.closed = asyncio.Event()
         self.requests = 0
 
@@ -266,7 +267,7 @@ class _ExportConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._ending = True
-        self._log.debug("nbd_client_disconnected", requests=self.requests,
+        self._log.info("nbd_client_disconnected", requests=self.requests,
                         in_flight=len(self._tasks), error=str(exc) if exc else None)
         self._maybe_closed()
 
@@ -280,12 +281,14 @@ class _ExportConnection(asyncio.BufferedProtocol):
     # -- control ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """The server is stopping: answer what is in flight, then close."""
+        """The server is stopping: answer what is in flight, then close. Requests that arrive
+        meanwhile are refused with ESHUTDOWN (the protocol's shutdown mode), so the client
+        learns why rather than seeing silence."""
         self._protocol.shutdown()
         if self._protocol.phase is not Phase.TRANSMISSION or not self._tasks:
             self._end()
         else:
-            self._ending = True  # _request_done closes once the last reply is out
+            self._draining = True  # _request_done closes once the last reply is out
 
     def abort(self) -> None:
         self._ending = True
@@ -375,7 +378,7 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._tasks.discard(task)
         if command.kind is not CommandKind.FLUSH:
             self._in_flight_bytes -= command.length
-        if self._ending:
+        if self._ending or self._draining:
             if not self._tasks:
                 self._end()
         elif self._reading_paused:

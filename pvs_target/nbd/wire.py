@@ -184,3 +184,74 @@ def command_name(kind: int) -> str:
         return CommandKind(kind).name
     except ValueError:
         return f"COMMAND_{kind}"
+
+
+# -- strings and option data ----------------------------------------------------------------
+
+
+def decode_name(data: bytes) -> str | None:
+    """A protocol string (UTF-8, no NUL, at most 4096 bytes), or None if ``data`` is not one."""
+    if len(data) > MAX_STRING or b"\0" in data:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def encode_message(message: str) -> bytes:
+    """``message`` as a protocol string, cut to 4096 bytes on a character boundary."""
+    data = message.encode()
+    if len(data) <= MAX_STRING:
+        return data
+    return data[:MAX_STRING].decode(errors="ignore").encode()
+
+
+def parse_info_request(data: bytes) -> tuple[str | None, frozenset[int]] | None:
+    """INFO/GO data: (export name, or None if not a valid string; info types asked), or None
+    when the data does not hold together.
+
+    C: 32 bits, name length; name; 16 bits, number of requests; 16 bits each, info types."""
+    if len(data) < 6:
+        return None
+    (name_length,) = U32.unpack_from(data, 0)
+    if name_length > len(data) - 6:
+        return None
+    name = decode_name(data[4 : 4 + name_length])
+    at = 4 + name_length
+    (count,) = U16.unpack_from(data, at)
+    if len(data) != at + 2 + 2 * count:
+        return None
+    return name, frozenset(U16.unpack_from(data, at + 2 + 2 * i)[0] for i in range(count))
+
+
+# -- transmission replies -------------------------------------------------------------------
+
+
+def read_reply(
+    structured: bool, handle: int, offset: int, data: bytes | bytearray | memoryview
+) -> list[bytes | bytearray | memoryview]:
+    """Header and payload of a successful READ reply, as separate buffers."""
+    if not structured:
+        return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data]
+    if not data:  # OFFSET_DATA must carry at least one byte
+        return [CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.NONE, handle, 0)]
+    header = CHUNK_OFFSET_DATA.pack(
+        STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.OFFSET_DATA, handle, len(data) + 8,
+        offset,
+    )
+    return [header, data]
+
+
+def error_chunk(handle: int, error: NbdError, message: str, offset: int | None) -> bytes:
+    """A final ERROR chunk, or ERROR_OFFSET when ``offset`` is given.
+
+    S: 32 bits, error; 16 bits, message length; message; (64 bits, offset)."""
+    text = encode_message(message)
+    payload = ERROR_PAYLOAD.pack(error, len(text)) + text
+    chunk_type = ChunkType.ERROR
+    if offset is not None:
+        chunk_type = ChunkType.ERROR_OFFSET
+        payload += U64.pack(offset)
+    header = CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, chunk_type, handle, len(payload))
+    return header + payload

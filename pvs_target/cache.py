@@ -1,0 +1,433 @@
+"""The write cache of Standard Image mode: a byte-precise overlay over a read-only base.
+
+A Standard Image vDisk is shared and never written; what the target writes goes here and is
+lost when the target detaches. Reads merge the overlay over the base at byte precision and
+fetch from the base only the gaps (one base read per gap, issued together).
+
+Two structures:
+- ``ExtentMap``: which byte ranges the overlay holds, as sorted, non-overlapping ``[start, end)``
+  extents of kind DATA (bytes stored here) or ZERO (reads as zeroes, nothing stored), merged
+  with touching neighbours of the same kind. Lookups are bisections.
+- page stores: where DATA bytes live. The virtual disk is cut into pages (``page_size``); a page
+  is stored while any DATA extent touches it and released as soon as none does. Byte ``x`` lives
+  at ``x % page_size`` in page ``x // page_size``: in RAM (a bytearray per page) or in a local
+  sparse file laid out like the disk (the page at the same offset; released pages become holes).
+
+``used`` is what the stores hold (pages x page size), ``limit`` its bound. A write that needs
+more pages than are left raises ``CacheFull`` (an OSError with ENOSPC, which the NBD layer
+passes on as ENOSPC) before anything changes: nothing already written is ever lost and a write
+that fits only in part is refused whole. Zeroing and trimming never need space.
+
+TRIM is served as zeroing: the base below is read-only, so a trimmed range cannot "go back" to
+anything but a defined value, and the overlay records zeroes. After ``trim`` (like after
+``zero``), reads of that range return zeroes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import enum
+import errno
+import os
+import tempfile
+from bisect import bisect_left, bisect_right
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Literal, Protocol
+
+Data = bytes | bytearray | memoryview
+BaseRead = Callable[[int, int], Awaitable[Data]]
+CacheKind = Literal["ram", "file", "ram+overflow"]
+
+
+class CacheFull(OSError):
+    """The write does not fit in what is left of the cache; nothing was changed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+
+class Extent(enum.Enum):
+    DATA = "data"
+    ZERO = "zero"
+
+
+class ExtentMap:
+    """Sorted, non-overlapping ``[start, end)`` extents of DATA or ZERO, touching neighbours of
+    one kind merged. Ranges not covered belong to the base."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._kinds: list[Extent] = []
+        self.data_bytes = 0
+        """Bytes covered by DATA extents."""
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def extents(self) -> list[tuple[int, int, Extent]]:
+        return list(zip(self._starts, self._ends, self._kinds, strict=True))
+
+    def set(self, start: int, end: int, kind: Extent) -> None:
+        """Make ``[start, end)`` one extent of ``kind``, replacing what covered it."""
+        if start >= end:
+            return
+        starts, ends, kinds = self._starts, self._ends, self._kinds
+        first = bisect_right(ends, start)  # the first extent ending after start
+        last = bisect_left(starts, end)  # the first extent starting at or after end
+        for k in range(first, last):
+            if kinds[k] is Extent.DATA:
+                self.data_bytes -= min(ends[k], end) - max(starts[k], start)
+        if kind is Extent.DATA:
+            self.data_bytes += end - start
+        new: list[tuple[int, int, Extent]] = []
+        low, high = start, end
+        if first < last and starts[first] < start:  # the part of the first extent before us
+            if kinds[first] is kind:
+                low = starts[first]
+            else:
+                new.append((starts[first], start, kinds[first]))
+        elif first > 0 and ends[first - 1] == start and kinds[first - 1] is kind:
+            first -= 1  # a touching neighbour of the same kind: absorb it
+            low = starts[first]
+        tail: tuple[int, int, Extent] | None = None
+        if first < last and ends[last - 1] > end:  # the part of the last extent after us
+            if kinds[last - 1] is kind:
+                high = ends[last - 1]
+            else:
+                tail = (end, ends[last - 1], kinds[last - 1])
+        elif last < len(starts) and starts[last] == end and kinds[last] is kind:
+            high = ends[last]
+            last += 1
+        new.append((low, high, kind))
+        if tail is not None:
+            new.append(tail)
+        starts[first:last] = [piece[0] for piece in new]
+        ends[first:last] = [piece[1] for piece in new]
+        kinds[first:last] = [piece[2] for piece in new]
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, Extent | None]]:
+        """``[start, end)`` cut into pieces, each DATA, ZERO or None (the base's)."""
+        starts, ends, kinds = self._starts, self._ends, self._kinds
+        index = bisect_right(ends, start)
+        position = start
+        count = len(starts)
+        while position < end:
+            if index < count and starts[index] <= position:
+                piece_end = min(ends[index], end)
+                yield position, piece_end, kinds[index]
+                index += 1
+            else:
+                piece_end = min(starts[index], end) if index < count else end
+                yield position, piece_end, None
+            position = piece_end
+
+    def has_data(self, start: int, end: int) -> bool:
+        """Whether any DATA extent overlaps ``[start, end)``."""
+        index = bisect_right(self._ends, start)
+        while index < len(self._starts) and self._starts[index] < end:
+            if self._kinds[index] is Extent.DATA:
+                return True
+            index += 1
+        return False
+
+
+class _Store(Protocol):
+    page_size: int
+
+    def is_stored(self, page: int) -> bool: ...
+    def stored_in(self, first: int, last: int) -> list[int]: ...
+    def add(self, pages: list[int]) -> None: ...
+    def release(self, pages: list[int]) -> None: ...
+    def write(self, offset: int, data: memoryview) -> None: ...
+    def read_into(self, offset: int, view: memoryview) -> None: ...
+    def close(self) -> None: ...
+
+
+class _RamStore:
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.pages: dict[int, bytearray] = {}
+
+    def is_stored(self, page: int) -> bool:
+        return page in self.pages
+
+    def stored_in(self, first: int, last: int) -> list[int]:
+        return _stored_in(self.pages, first, last)
+
+    def add(self, pages: list[int]) -> None:
+        for page in pages:
+            self.pages[page] = bytearray(self.page_size)
+
+    def release(self, pages: list[int]) -> None:
+        for page in pages:
+            del self.pages[page]
+
+    def write(self, offset: int, data: memoryview) -> None:
+        size = self.page_size
+        done = 0
+        while done < len(data):
+            page, within = divmod(offset + done, size)
+            count = min(size - within, len(data) - done)
+            self.pages[page][within : within + count] = data[done : done + count]
+            done += count
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        size = self.page_size
+        done = 0
+        while done < len(view):
+            page, within = divmod(offset + done, size)
+            count = min(size - within, len(view) - done)
+            view[done : done + count] = self.pages[page][within : within + count]
+            done += count
+
+    def close(self) -> None:
+        self.pages.clear()
+
+
+class _FileStore:
+    """Pages in an unlinked sparse file laid out like the disk (gone when closed or on a
+    crash); released pages are punched out so the file's blocks stay within the limit."""
+
+    def __init__(self, page_size: int, size: int, directory: str | None) -> None:
+        self.page_size = page_size
+        self.pages: set[int] = set()
+        # Owned by the store and closed in close(); unlinked at once, so a crash leaves nothing.
+        self._file = tempfile.TemporaryFile(prefix="pvs-write-cache-", dir=directory)  # noqa: SIM115
+        self._fd = self._file.fileno()
+        os.ftruncate(self._fd, size)
+
+    def is_stored(self, page: int) -> bool:
+        return page in self.pages
+
+    def stored_in(self, first: int, last: int) -> list[int]:
+        return _stored_in(self.pages, first, last)
+
+    def add(self, pages: list[int]) -> None:
+        self.pages.update(pages)
+
+    def release(self, pages: list[int]) -> None:
+        self.pages.difference_update(pages)
+        for page in pages:
+            _punch_hole(self._fd, page * self.page_size, self.page_size)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd, [view[done:]], offset + done)
+            if count == 0:
+                raise OSError(errno.EIO, f"write cache file ended at {offset + done}")
+            done += count
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _TieredStore:
+    """RAM pages up to ``ram_pages``, then pages in the file."""
+
+    def __init__(self, ram: _RamStore, file: _FileStore, ram_pages: int) -> None:
+        self.page_size = ram.page_size
+        self.ram = ram
+        self.file = file
+        self.ram_pages = ram_pages
+
+    def is_stored(self, page: int) -> bool:
+        return self.ram.is_stored(page) or self.file.is_stored(page)
+
+    def stored_in(self, first: int, last: int) -> list[int]:
+        return self.ram.stored_in(first, last) + self.file.stored_in(first, last)
+
+    def add(self, pages: list[int]) -> None:
+        room = max(0, self.ram_pages - len(self.ram.pages))
+        self.ram.add(pages[:room])
+        self.file.add(pages[room:])
+
+    def release(self, pages: list[int]) -> None:
+        self.ram.release([page for page in pages if page in self.ram.pages])
+        self.file.release([page for page in pages if page in self.file.pages])
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._each_page(offset, data, write=True)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._each_page(offset, view, write=False)
+
+    def _each_page(self, offset: int, view: memoryview, *, write: bool) -> None:
+        size = self.page_size
+        done = 0
+        while done < len(view):
+            page, within = divmod(offset + done, size)
+            count = min(size - within, len(view) - done)
+            store: _RamStore | _FileStore = self.ram if page in self.ram.pages else self.file
+            part = view[done : done + count]
+            if write:
+                store.write(offset + done, part)
+            else:
+                store.read_into(offset + done, part)
+            done += count
+
+    def close(self) -> None:
+        self.ram.close()
+        self.file.close()
+
+
+class WriteCache:
+    """The overlay: ``write``/``zero``/``trim`` here, ``read`` merged over the base.
+
+    kinds: ``"ram"`` (pages in memory, at most ``limit`` bytes), ``"file"`` (pages in a sparse
+    file in ``directory``, at most ``limit`` bytes), ``"ram+overflow"`` (the first
+    ``ram_limit`` bytes of pages in memory, the rest in the file, ``limit`` in all).
+    """
+
+    def __init__(
+        self,
+        kind: CacheKind,
+        size: int,
+        limit: int,
+        *,
+        directory: str | None = None,
+        ram_limit: int | None = None,
+        page_size: int = 4096,
+    ) -> None:
+        if page_size < 512 or page_size & (page_size - 1):
+            raise ValueError("page size must be a power of 2, at least 512")
+        if size < 0 or limit < 0:
+            raise ValueError("size and limit must not be negative")
+        self.kind = kind
+        self.size = size
+        self.limit = limit
+        self.page_size = page_size
+        self.extents = ExtentMap()
+        self._pages = 0
+        self._store: _Store
+        if kind == "ram":
+            self._store = _RamStore(page_size)
+        elif kind == "file":
+            self._store = _FileStore(page_size, size, directory)
+        elif kind == "ram+overflow":
+            if ram_limit is None or not 0 <= ram_limit <= limit:
+                raise ValueError("ram+overflow needs 0 <= ram_limit <= limit")
+            file = _FileStore(page_size, size, directory)
+            self._store = _TieredStore(_RamStore(page_size), file, ram_limit // page_size)
+        else:
+            raise ValueError(f"unknown write cache kind {kind!r}: ram, file or ram+overflow")
+
+    @property
+    def used(self) -> int:
+        """Bytes of storage held (whole pages)."""
+        return self._pages * self.page_size
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes written and not since zeroed (at most ``used``)."""
+        return self.extents.data_bytes
+
+    def close(self) -> None:
+        self._store.close()
+
+    def write(self, offset: int, data: Data) -> None:
+        """Store ``data`` at ``offset``; raise CacheFull, changing nothing, if it cannot fit."""
+        length = len(data)
+        self._check_range(offset, length)
+        if not length:
+            return
+        size = self.page_size
+        missing = [
+            page
+            for page in range(offset // size, (offset + length - 1) // size + 1)
+            if not self._store.is_stored(page)
+        ]
+        if (self._pages + len(missing)) * size > self.limit:
+            raise CacheFull(
+                f"write cache full: {length} bytes at {offset} need {len(missing) * size} "
+                f"more bytes, {self.limit - self.used} of {self.limit} are left"
+            )
+        self._store.add(missing)
+        self._pages += len(missing)
+        with memoryview(data) as view:
+            self._store.write(offset, view.cast("B"))
+        self.extents.set(offset, offset + length, Extent.DATA)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeroes; releases pages, never fails for
+        lack of space."""
+        self._check_range(offset, length)
+        if not length:
+            return
+        end = offset + length
+        self.extents.set(offset, end, Extent.ZERO)
+        size = self.page_size
+        first, last = offset // size, (end - 1) // size
+        released = []
+        for page in self._store.stored_in(first, last):
+            inside = offset <= page * size and (page + 1) * size <= end
+            if inside or not self.extents.has_data(page * size, (page + 1) * size):
+                released.append(page)
+        self._store.release(released)
+        self._pages -= len(released)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Served as ``zero``: after a trim the range reads as zeroes (see the module doc)."""
+        self.zero(offset, length)
+
+    async def read(self, offset: int, length: int, base_read: BaseRead) -> Data:
+        """``length`` bytes at ``offset``: the overlay where it has them, the base elsewhere.
+        The base is asked only for the gaps, one read per gap, all at once."""
+        self._check_range(offset, length)
+        segments = list(self.extents.segments(offset, offset + length))
+        if len(segments) == 1 and segments[0][2] is None:
+            return await base_read(offset, length)
+        result = bytearray(length)
+        view = memoryview(result)
+        gaps: list[tuple[int, int]] = []
+        for start, end, kind in segments:
+            if kind is Extent.DATA:
+                self._store.read_into(start, view[start - offset : end - offset])
+            elif kind is None:
+                gaps.append((start, end))
+        if gaps:
+            pieces = await asyncio.gather(*(base_read(start, end - start) for start, end in gaps))
+            for (start, end), piece in zip(gaps, pieces, strict=True):
+                if len(piece) != end - start:
+                    raise OSError(errno.EIO, f"base returned {len(piece)} of {end - start} bytes")
+                view[start - offset : end - offset] = piece
+        return result
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{offset}+{length} is outside the disk (0..{self.size})")
+
+
+def _stored_in(pages: dict[int, bytearray] | set[int], first: int, last: int) -> list[int]:
+    """Stored pages in ``first..last``, by whichever walk is shorter (a trim may span TiBs)."""
+    if last - first + 1 <= len(pages):
+        return [page for page in range(first, last + 1) if page in pages]
+    return [page for page in pages if first <= page <= last]
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_fallocate: Callable[..., int] | None = None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+except (OSError, AttributeError, TypeError):  # not Linux/glibc: released pages keep blocks
+    _fallocate = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    if _fallocate is not None:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+__all__ = ["BaseRead", "CacheFull", "CacheKind", "Extent", "ExtentMap", "WriteCache"]

@@ -1,0 +1,718 @@
+"""The admin API: HTTP + JSON, answered by any server of the site for the whole site.
+
+Site-wide reads (servers, vDisk replication) come from the coordination view this server
+already holds; targets and changes need every server, so they are fetched from or forwarded to
+each up peer's ``/v1/local/...`` endpoint, concurrently and with a short timeout. A peer that
+does not answer becomes one error entry: a site-wide request never fails because of one server.
+
+Every request is signed with the site key (`pvsd.admin_auth`); forwarded ones are signed anew
+by the forwarding server. Every refusal is a 4xx JSON ``{"error": ...}`` that says what to do,
+logged with the client's address; a bug in a handler is a 500 with no traceback to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import importlib.metadata
+import ipaddress
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from yarl import URL
+
+from pvs_protocol import coordination as co
+from pvs_protocol.modes import Mode, SubnetAffinity
+from pvsd import admin_auth, balance
+from pvsd.config import Config, ConfigError, format_address, parse_address
+from pvsd.names import InvalidName, validate_name
+from pvsd.properties import (
+    PropertiesError,
+    VDiskProperties,
+    load_properties,
+    properties_path,
+    save_properties,
+)
+from pvsd.server import StreamServer
+from pvsd.site import Peer
+
+log = structlog.get_logger("pvsd.admin")
+
+PEER_TIMEOUT = 2.0
+"""How long a site-wide request waits for each peer's part."""
+MAX_BODY = 64 * 1024
+SETTABLE = (
+    "mode", "maintenance", "load_balancing", "fixed_server", "subnet_affinity", "description",
+    "version",
+)
+JSON = dict[str, Any]
+
+
+class ApiError(Exception):
+    """A request we refuse; ``message`` tells the client what to do instead."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class PeerError(Exception):
+    """A peer's part of a site-wide request failed; the message names the peer and the cause."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Holder:
+    """One server's copy of a vDisk, as the replication report sees it."""
+
+    server: str
+    state: str
+    """serving, stopping, stopped, or down (not heard from recently)."""
+    entry: co.ReplicaEntry
+    is_self: bool = False
+
+
+class AdminServer:
+    def __init__(self, config: Config, server: StreamServer) -> None:
+        self.config = config
+        self.server = server
+        self.address = config.admin
+        self.requests = 0
+        self.auth_failures: Counter[str] = Counter()
+        self.bad_requests = 0
+        self._seen = admin_auth.ReplayCache()
+        self._runner: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._settings_lock = asyncio.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen; only once this returns is the admin API started."""
+        if not self.config.site_key:
+            log.error(
+                "admin_not_started", reason="no site key to authenticate requests with",
+                hint="give --key-file FILE (make one with 'pvsctl site keygen'), or --admin off",
+            )
+            return
+        app = web.Application(
+            middlewares=[self._error_middleware(), self._auth_middleware()],
+            client_max_size=MAX_BODY,
+        )
+        app.add_routes([
+            web.get("/v1/servers", self._servers),
+            web.get("/v1/vdisks", self._vdisks),
+            web.get("/v1/targets", self._targets),
+            web.get("/v1/site", self._site),
+            web.post("/v1/vdisks/{name}/settings", self._settings),
+            web.post("/v1/servers/{name}/stop-stream", self._stream),
+            web.post("/v1/servers/{name}/start-stream", self._stream),
+            web.get("/v1/local/targets", self._local_targets),
+            web.post("/v1/local/vdisks/{name}/settings", self._local_settings),
+            web.post("/v1/local/stop-stream", self._local_stream),
+            web.post("/v1/local/start-stream", self._local_stream),
+        ])
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, self.config.admin_host, self.config.admin_port, reuse_address=True
+            )
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise OSError(
+                error.errno, f"cannot listen for the admin API on {self.config.admin}: "
+                f"{error.strerror}; free the port or choose another with --admin HOST:PORT",
+            ) from None
+        except BaseException:
+            await runner.cleanup()
+            raise
+        host, port = runner.addresses[0][:2]
+        self.address = format_address(str(host), int(port))
+        self._runner = runner
+        self._client = aiohttp.ClientSession()
+        log.info("admin_listening", address=self.address)
+
+    async def close(self) -> None:
+        runner, client = self._runner, self._client
+        self._runner = self._client = None
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:
+            if client is not None:
+                await client.close()
+
+    # -- middleware -------------------------------------------------------------------------
+
+    def _error_middleware(self) -> Middleware:
+        @web.middleware
+        async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except ApiError as error:
+                status, message = error.status, error.message
+            except web.HTTPException as error:
+                if error.status < 400:
+                    raise
+                status, message = error.status, _http_error_message(request, error)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "admin_internal_error", peer=request.remote, method=request.method,
+                    path=request.path,
+                )
+                return _error(500, "internal error in pvsd; the server log has the details "
+                              "(event admin_internal_error)")
+            if status == 401:
+                return _error(status, message, {"WWW-Authenticate": admin_auth.SCHEME})
+            self.bad_requests += 1
+            log.warning(
+                "admin_bad_request", peer=request.remote, method=request.method,
+                path=request.path, status=status, error=message,
+            )
+            return _error(status, message)
+
+        return errors
+
+    def _auth_middleware(self) -> Middleware:
+        @web.middleware
+        async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            body = await request.read()
+            try:
+                admin_auth.verify(
+                    self.config.site_key, request.headers.get("Authorization"), request.method,
+                    request.raw_path, body, _now_ms(), self._seen,
+                )
+            except admin_auth.AuthError as error:
+                self.auth_failures[error.reason] += 1
+                log.warning(
+                    "admin_auth_failed", peer=request.remote, method=request.method,
+                    path=request.path, reason=error.reason, error=error.detail,
+                    failures=sum(self.auth_failures.values()),
+                )
+                hint = "; use the site key of this site (pvsctl --key-file FILE)"
+                if error.reason in ("stale", "replayed", "busy"):
+                    hint = ""
+                raise ApiError(401, f"not authenticated: {error.detail}{hint}") from None
+            self.requests += 1
+            return await handler(request)
+
+        return authenticate
+
+    # -- site-wide endpoints ----------------------------------------------------------------
+
+    async def _servers(self, request: web.Request) -> web.Response:
+        return web.json_response({"servers": self.servers_report()})
+
+    async def _vdisks(self, request: web.Request) -> web.Response:
+        return web.json_response({"vdisks": replication_report(self._holders())})
+
+    async def _targets(self, request: web.Request) -> web.Response:
+        targets = self.local_targets()
+        errors: list[JSON] = []
+        answers = await self._fan_out("GET", "/v1/local/targets", None, PEER_TIMEOUT)
+        for name, address, answer in answers:
+            if isinstance(answer, PeerError):
+                errors.append({"server": name, "admin_address": address, "error": str(answer)})
+            else:
+                targets += [t for t in answer.get("targets", []) if isinstance(t, dict)]
+        site = self.server.site
+        for peer in site.peers.values() if site is not None else ():
+            if not peer.up:
+                errors.append({
+                    "server": peer.name, "admin_address": _peer_admin(peer) or "",
+                    "error": f"{peer.name} is down (not heard for {_silent_for(peer):.0f} s)",
+                })
+        targets.sort(key=lambda t: (str(t.get("server")), str(t.get("device_id"))))
+        return web.json_response({"targets": targets, "errors": errors})
+
+    async def _site(self, request: web.Request) -> web.Response:
+        site = self.server.site
+        peers = list(site.peers.values()) if site is not None else []
+        return web.json_response({
+            "name": self.config.name,
+            "version": _version(),
+            "stream_address": self.server.advertised,
+            "admin_address": self.address,
+            "state": self.server.state.value,
+            "site": site is not None,
+            "coordination": {
+                "received": site.received if site is not None else 0,
+                "dropped": dict(site.dropped) if site is not None else {},
+                "peers": len(peers),
+                "peers_up": sum(1 for p in peers if p.up),
+            },
+            "admin": {
+                "requests": self.requests,
+                "bad_requests": self.bad_requests,
+                "auth_failures": sum(self.auth_failures.values()),
+                "auth_failures_by_reason": dict(self.auth_failures),
+            },
+        })
+
+    async def _settings(self, request: web.Request) -> web.Response:
+        name = _vdisk_name(request)
+        body = await request.read()
+        changes = parse_changes(body)
+        base = self._known_properties(name)
+        try:
+            VDiskProperties.from_mapping(base.to_mapping() | changes)
+        except PropertiesError as error:
+            raise ApiError(400, f"cannot change vDisk {name}: {error}") from None
+        fixed = changes.get("fixed_server")
+        known = self._server_names()
+        if isinstance(fixed, str) and fixed and fixed not in known:
+            raise ApiError(
+                400, f"fixed_server {fixed!r} is not a server of this site; known servers: "
+                f"{', '.join(sorted(known))}",
+            )
+        results: list[JSON] = []
+        if name in self.server.catalog:
+            try:
+                results.append(await self.apply_settings(name, changes))
+            except ApiError as error:
+                results.append(self._result(False, error=error.message))
+        answers = await self._fan_out(
+            "POST", f"/v1/local/vdisks/{name}/settings", body, PEER_TIMEOUT * 2
+        )
+        for server, address, answer in answers:
+            if isinstance(answer, PeerError):
+                results.append(
+                    {"server": server, "admin_address": address, "ok": False, "error": str(answer)}
+                )
+            else:
+                results.append(answer)
+        site = self.server.site
+        for peer in site.peers.values() if site is not None else ():
+            if not peer.up and name in peer.inventory:
+                results.append({
+                    "server": peer.name, "ok": False, "held": True,
+                    "error": f"{peer.name} is down: set it again once it is back, or it keeps "
+                    "its old settings",
+                })
+        ok = all(result.get("ok") is True for result in results)
+        log.info("admin_vdisk_settings", vdisk=name, changes=changes, peer=request.remote, ok=ok)
+        return web.json_response({"vdisk": name, "changes": changes, "ok": ok, "results": results})
+
+    async def _stream(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        action = "stop" if request.path.endswith("/stop-stream") else "start"
+        log.info("admin_stream_request", server=name, action=action, peer=request.remote)
+        if name == self.config.name:
+            return web.json_response(await self.change_stream(action))
+        site = self.server.site
+        peer = site.peers.get(name) if site is not None else None
+        if peer is None:
+            raise ApiError(
+                404, f"no server named {name!r} in this site; known servers: "
+                f"{', '.join(sorted(self._server_names()))} (see pvsctl servers)",
+            )
+        if not peer.up:
+            raise ApiError(
+                503, f"{name} is down (not heard for {_silent_for(peer):.0f} s): it cannot be "
+                "told anything; check that its pvsd runs",
+            )
+        timeout = self.config.drain_timeout + 5.0
+        try:
+            answer = await self._peer_request(
+                peer, "POST", f"/v1/local/{action}-stream", b"", timeout
+            )
+        except PeerError as error:
+            raise ApiError(502, str(error)) from None
+        return web.json_response(answer)
+
+    # -- this server's own part -------------------------------------------------------------
+
+    async def _local_targets(self, request: web.Request) -> web.Response:
+        return web.json_response({"targets": self.local_targets()})
+
+    async def _local_settings(self, request: web.Request) -> web.Response:
+        name = _vdisk_name(request)
+        changes = parse_changes(await request.read())
+        if name not in self.server.catalog:
+            return web.json_response(self._result(True, held=False))
+        return web.json_response(await self.apply_settings(name, changes))
+
+    async def _local_stream(self, request: web.Request) -> web.Response:
+        action = "stop" if request.path.endswith("/stop-stream") else "start"
+        log.info(
+            "admin_stream_request", server=self.config.name, action=action, peer=request.remote
+        )
+        return web.json_response(await self.change_stream(action))
+
+    async def change_stream(self, action: str) -> JSON:
+        targets = sum(1 for session in self.server.sessions if session.streaming)
+        if action == "stop":
+            await self.server.stop_stream()
+        else:
+            await self.server.start_stream()
+        return {
+            "server": self.config.name, "ok": True, "state": self.server.state.value,
+            "targets_before": targets,
+        }
+
+    async def apply_settings(self, name: str, changes: JSON) -> JSON:
+        """Save the changed settings beside our replica; the store watcher picks them up."""
+        vdisk = self.server.catalog.get(name)
+        if vdisk is None:
+            return self._result(True, held=False)
+        path = properties_path(vdisk.path)
+        async with self._settings_lock:
+            try:
+                current = load_properties(path)
+                updated = VDiskProperties.from_mapping(current.to_mapping() | changes)
+            except PropertiesError as error:
+                raise ApiError(
+                    400, f"cannot change vDisk {name} on {self.config.name}: {error}"
+                ) from None
+            changed = updated != current
+            if changed:
+                try:
+                    await asyncio.to_thread(save_properties, path, updated)
+                except OSError as error:
+                    raise ApiError(
+                        409, f"cannot write {path} on {self.config.name}: {error.strerror}; "
+                        "make the store writable",
+                    ) from None
+        if changed:
+            log.info("vdisk_settings_saved", vdisk=name, path=str(path), changes=changes)
+        return self._result(
+            True, held=True, changed=changed, shared=vdisk.store.shared,
+            properties=updated.to_mapping(),
+        )
+
+    def _result(self, ok: bool, **fields: Any) -> JSON:
+        return {"server": self.config.name, "ok": ok, **fields}
+
+    def local_targets(self) -> list[JSON]:
+        now = time.time()
+        targets = []
+        for session in self.server.sessions:
+            if not session.streaming or session.vdisk is None:
+                continue
+            targets.append({
+                "device_id": session.device_id,
+                "vdisk": session.vdisk.name,
+                "session": f"{session.session_id:016x}",
+                "address": session.peer,
+                "target_ip": session.peer_ip,
+                "since": datetime.datetime.fromtimestamp(session.since, datetime.UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "seconds": round(now - session.since, 1),
+                "bytes_read": session.bytes_read,
+                "bytes_written": session.bytes_written,
+                "server": self.config.name,
+                "server_address": self.server.advertised,
+                "server_ip": _host(session.local_address),
+            })
+        return targets
+
+    # -- the site as we see it --------------------------------------------------------------
+
+    def servers_report(self) -> list[JSON]:
+        state = self.server.local_state()
+        servers: list[JSON] = [{
+            "name": self.config.name, "self": True, "heard": True,
+            "stream_address": self.server.advertised, "admin_address": self.address,
+            "state": self.server.state.value, "up": True, "power": self.config.power,
+            "targets": state.targets, "load": round(state.targets / self.config.power, 3),
+            "bytes_per_second": state.bytes_per_second, "last_heard_seconds": 0.0,
+            "vdisks": len(state.replicas),
+        }]
+        site = self.server.site
+        if site is None:
+            return servers
+        for peer in sorted(site.peers.values(), key=lambda p: p.name):
+            beat = peer.heartbeat
+            servers.append({
+                "name": peer.name, "self": False, "heard": True,
+                "stream_address": beat.stream_address, "admin_address": _peer_admin(peer) or "",
+                "state": _peer_state(peer), "up": peer.up, "power": beat.power,
+                "targets": beat.targets, "load": round(beat.targets / (beat.power or 1.0), 3),
+                "bytes_per_second": beat.bytes_per_second,
+                "last_heard_seconds": round(_silent_for(peer), 1),
+                "vdisks": len(peer.inventory),
+            })
+        heard = {p.heartbeat.stream_address for p in site.peers.values()}
+        heard |= {format_address(str(p.source[0]), int(p.source[1])) for p in site.peers.values()}
+        for address in self.config.peers:
+            if address not in heard:
+                servers.append({
+                    "name": None, "self": False, "heard": False, "stream_address": address,
+                    "admin_address": "", "state": "down", "up": False, "power": None,
+                    "targets": None, "load": None, "bytes_per_second": None,
+                    "last_heard_seconds": None, "vdisks": None,
+                })
+        return servers
+
+    def _holders(self) -> list[Holder]:
+        holders = [
+            Holder(self.config.name, self.server.state.value, entry, is_self=True)
+            for entry in self.server.local_state().replicas.values()
+        ]
+        site = self.server.site
+        for peer in site.peers.values() if site is not None else ():
+            state = _peer_state(peer)
+            holders += [Holder(peer.name, state, entry) for entry in peer.inventory.values()]
+        return holders
+
+    def _known_properties(self, name: str) -> VDiskProperties:
+        """The vDisk's settings to check a change against: ours, else a holder's."""
+        vdisk = self.server.catalog.get(name)
+        if vdisk is not None:
+            return vdisk.properties
+        site = self.server.site
+        holders = sorted(
+            (p for p in (site.peers.values() if site is not None else ()) if name in p.inventory),
+            key=lambda p: p.name,
+        )
+        if not holders:
+            raise ApiError(
+                404, f"no server of the site holds a vDisk named {name!r}; see pvsctl vdisks",
+            )
+        entry = holders[0].inventory[name]
+        try:
+            return VDiskProperties(
+                mode=Mode.from_code(entry.mode), maintenance=entry.maintenance,
+                load_balancing=entry.load_balancing, fixed_server=entry.fixed_server,
+                subnet_affinity=SubnetAffinity.from_code(entry.affinity),
+            )
+        except (PropertiesError, ValueError):
+            return VDiskProperties()
+
+    def _server_names(self) -> set[str]:
+        site = self.server.site
+        return {self.config.name} | (set(site.peers) if site is not None else set())
+
+    # -- talking to peers -------------------------------------------------------------------
+
+    async def _fan_out(
+        self, method: str, path: str, body: bytes | None, timeout: float
+    ) -> list[tuple[str, str, JSON | PeerError]]:
+        """Ask every up peer at once; each answer is its JSON or the error it came to."""
+        site = self.server.site
+        peers = sorted(
+            (p for p in (site.peers.values() if site is not None else ()) if p.up),
+            key=lambda p: p.name,
+        )
+
+        async def ask(peer: Peer) -> JSON | PeerError:
+            try:
+                return await self._peer_request(peer, method, path, body or b"", timeout)
+            except PeerError as error:
+                log.warning("admin_peer_failed", peer=peer.name, path=path, error=str(error))
+                return error
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(ask(peer)) for peer in peers]
+        return [
+            (peer.name, _peer_admin(peer) or "", task.result())
+            for peer, task in zip(peers, tasks, strict=True)
+        ]
+
+    async def _peer_request(
+        self, peer: Peer, method: str, path: str, body: bytes, timeout: float
+    ) -> JSON:
+        address = _peer_admin(peer)
+        if not address:
+            raise PeerError(f"{peer.name} announces no admin API: start its pvsd with --admin")
+        if self._client is None:
+            raise PeerError("admin API is closing")
+        headers = {
+            "Authorization": admin_auth.sign(self.config.site_key, method, path, body, _now_ms()),
+            "Content-Type": "application/json",
+        }
+        url = URL(f"http://{address}{path}", encoded=True)
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client.request(
+                    method, url, data=body or None, headers=headers
+                ) as response:
+                    text = await response.text()
+                    status = response.status
+        except TimeoutError:
+            raise PeerError(
+                f"{peer.name} ({address}) did not answer within {timeout:g} s"
+            ) from None
+        except aiohttp.ClientError as error:
+            raise PeerError(f"{peer.name} ({address}): {error or type(error).__name__}") from None
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise PeerError(f"{peer.name} ({address}) answered HTTP {status} without JSON")
+        if status >= 400:
+            raise PeerError(f"{peer.name} ({address}) answered {status}: {answer.get('error')}")
+        return answer
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def replication_report(holders: Iterable[Holder]) -> list[JSON]:
+    """Per vDisk: who holds which identity, and whether it matches the site's reference copy.
+
+    The reference is the identity placement would give a new target
+    (`balance.preferred_identity` over the servers that are up).
+    """
+    by_vdisk: dict[str, list[Holder]] = {}
+    for holder in holders:
+        by_vdisk.setdefault(holder.entry.vdisk, []).append(holder)
+    report = []
+    for name in sorted(by_vdisk):
+        group = sorted(by_vdisk[name], key=lambda h: (not h.is_self, h.server))
+        up = [h for h in group if h.state != "down"]
+        reference = balance.preferred_identity(h.entry.identity for h in up or group)
+        settings = _settings_of(group[0].entry)
+        replicas = []
+        for holder in sorted(group, key=lambda h: h.server):
+            identity = holder.entry.identity
+            reasons: list[str] = []
+            if identity is None or reference is None:
+                status = "pending"
+            else:
+                reasons = reference.differences(identity)
+                status = "different" if reasons else "identical"
+            own = _settings_of(holder.entry)
+            replicas.append({
+                "server": holder.server, "self": holder.is_self, "server_state": holder.state,
+                "identity": identity.to_json() if identity is not None else None,
+                "short": identity.short if identity is not None else "pending",
+                "status": status, "differences": reasons, "settings": own,
+                "settings_differ": sorted(k for k in own if own[k] != settings[k]),
+            })
+        candidates = [
+            r["server"] for r in replicas
+            if r["status"] == "identical" and r["server_state"] == "serving"
+        ]
+        failover = balance.failover_allowed(_replica(group[0].entry))
+        report.append({
+            "name": name,
+            "reference": reference.to_json() if reference is not None else None,
+            "reference_short": reference.short if reference is not None else None,
+            "settings": settings,
+            "replicas": replicas,
+            "failover_candidates": candidates,
+            "failover_allowed": failover,
+            "high_availability": failover and len(candidates) >= 2,
+        })
+    return report
+
+
+def parse_changes(body: bytes) -> JSON:
+    """The settings a request wants changed; their values are checked against the file."""
+    try:
+        data = json.loads(body or b"null")
+    except ValueError as error:
+        raise ApiError(
+            400, f"body is not JSON ({error}); send an object such as {{\"maintenance\": true}}"
+        ) from None
+    if not isinstance(data, dict) or not data:
+        raise ApiError(
+            400, "body must be a JSON object with at least one setting, e.g. {\"version\": 2}"
+        )
+    unknown = sorted(set(data) - set(SETTABLE))
+    if unknown:
+        raise ApiError(
+            400, f"unknown setting(s) {', '.join(unknown)}; settable: {', '.join(SETTABLE)}"
+        )
+    return data
+
+
+def _settings_of(entry: co.ReplicaEntry) -> JSON:
+    replica = _replica(entry)
+    return {
+        "mode": str(replica.mode), "maintenance": replica.maintenance,
+        "load_balancing": replica.load_balancing, "fixed_server": replica.fixed_server,
+        "subnet_affinity": str(replica.affinity), "shared": replica.shared,
+    }
+
+
+def _replica(entry: co.ReplicaEntry) -> balance.Replica:
+    try:
+        mode, affinity = Mode.from_code(entry.mode), SubnetAffinity.from_code(entry.affinity)
+    except ValueError:  # a newer peer's code: show the defaults rather than fail the page
+        mode, affinity = Mode.standard, SubnetAffinity.none
+    return balance.Replica(
+        entry.identity, mode, entry.maintenance, entry.load_balancing, entry.fixed_server,
+        affinity, entry.shared,
+    )
+
+
+def _vdisk_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    try:
+        return validate_name(name)
+    except InvalidName as error:
+        raise ApiError(400, str(error)) from None
+
+
+def _peer_state(peer: Peer) -> str:
+    if not peer.up:
+        return "down"
+    return peer.heartbeat.state.name.lower()
+
+
+def _peer_admin(peer: Peer) -> str | None:
+    """The peer's admin address; a wildcard host is replaced by the address it sends from."""
+    address = peer.heartbeat.admin_address
+    if not address:
+        return None
+    try:
+        host, port = parse_address(address)
+    except ConfigError:
+        return None
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            host = str(peer.source[0])
+    except ValueError:
+        pass  # a host name
+    return format_address(host, port)
+
+
+def _silent_for(peer: Peer) -> float:
+    return max(time.monotonic() - peer.last_heard, 0.0)
+
+
+def _host(address: str) -> str:
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pvs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _http_error_message(request: web.Request, error: web.HTTPException) -> str:
+    if error.status == 404:
+        return f"no endpoint {request.path}; the API is under /v1 (servers, vdisks, targets, site)"
+    if error.status == 405:
+        return f"{request.method} is not allowed on {request.path}"
+    if error.status == 413:
+        return f"request body larger than {MAX_BODY} bytes"
+    return error.reason or f"HTTP {error.status}"
+

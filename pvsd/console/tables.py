@@ -1,0 +1,197 @@
+"""The admin API's answers as tables an administrator reads at a glance.
+
+Each function takes the JSON the API returned and builds a rich `Table`; nothing here talks to
+the network, so the layout can be tested with canned answers.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+_STATE_STYLE = {"serving": "green", "stopping": "yellow", "stopped": "yellow", "down": "red"}
+_STATUS_STYLE = {"identical": "green", "different": "red", "pending": "yellow"}
+
+
+def servers_table(servers: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(
+        "Server", "State", "Stream address", "Admin address", "Power", "Targets", "Load",
+        "Throughput", "Last heard", "vDisks",
+        caption="* the server that answered", caption_justify="left",
+    )
+    for server in servers:
+        heard = server.get("heard", True)
+        name = server.get("name") or "(never heard)"
+        state = str(server.get("state"))
+        table.add_row(
+            f"{name} *" if server.get("self") else name,
+            Text(state, style=_STATE_STYLE.get(state, "")),
+            str(server.get("stream_address", "")),
+            str(server.get("admin_address") or "-"),
+            _number(server.get("power")),
+            _number(server.get("targets")),
+            _number(server.get("load")),
+            f"{human_size(int(server['bytes_per_second']))}/s" if heard else "-",
+            _ago(server.get("last_heard_seconds"), server.get("self", False)),
+            _number(server.get("vdisks")),
+        )
+    return table
+
+
+def vdisks_table(vdisks: Sequence[Mapping[str, Any]]) -> Table:
+    """One replication screen: per vDisk a row per server holding it."""
+    table = Table(
+        "vDisk", "Server", "Identity", "Status", "Settings", "Failover",
+        caption="status is against the reference identity: the highest version, held by most "
+        "servers, newest", caption_justify="left",
+    )
+    for index, vdisk in enumerate(vdisks):
+        if index:
+            table.add_section()
+        candidates = set(vdisk.get("failover_candidates", ()))
+        for row, replica in enumerate(vdisk.get("replicas", ())):
+            server = str(replica["server"])
+            if replica.get("server_state") not in (None, "serving"):
+                server += f" ({replica['server_state']})"
+            table.add_row(
+                str(vdisk["name"]) if row == 0 else "",
+                server,
+                str(replica.get("short", "")),
+                _status(replica),
+                _settings_text(replica.get("settings", {}), replica.get("settings_differ", [])),
+                _failover(vdisk, replica, candidates),
+            )
+    return table
+
+
+def targets_table(targets: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(
+        "Device", "vDisk", "Server", "Server address", "Target address", "Since", "Connected",
+        "Read",
+    )
+    for target in targets:
+        table.add_row(
+            str(target.get("device_id", "")),
+            str(target.get("vdisk", "")),
+            str(target.get("server", "")),
+            str(target.get("server_address", "")),
+            str(target.get("address", "")),
+            _local_time(str(target.get("since", ""))),
+            duration(float(target.get("seconds", 0))),
+            human_size(int(target.get("bytes_read", 0))),
+        )
+    return table
+
+
+def site_table(site: Mapping[str, Any]) -> Table:
+    table = Table("", "", show_header=False, box=None)
+    coordination = site.get("coordination", {})
+    admin = site.get("admin", {})
+    dropped = coordination.get("dropped") or {}
+    failures = admin.get("auth_failures_by_reason") or {}
+    rows = [
+        ("Server", f"{site.get('name')} (pvs {site.get('version')}), {site.get('state')}"),
+        ("Stream address", str(site.get("stream_address"))),
+        ("Admin address", str(site.get("admin_address"))),
+        ("Peers up", f"{coordination.get('peers_up', 0)} of {coordination.get('peers', 0)}"),
+        ("Coordination received", str(coordination.get("received", 0))),
+        ("Coordination dropped", _counts(dropped)),
+        ("Admin requests", str(admin.get("requests", 0))),
+        ("Admin refused (auth)", _counts(failures)),
+        ("Admin bad requests", str(admin.get("bad_requests", 0))),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def duration(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _status(replica: Mapping[str, Any]) -> Text:
+    status = str(replica.get("status"))
+    label = status
+    if status == "different":
+        label += f" ({', '.join(replica.get('differences', ()))})"
+    elif status == "pending":
+        label += " (hashing)"
+    return Text(label, style=_STATUS_STYLE.get(status, ""))
+
+
+def _settings_text(settings: Mapping[str, Any], differ: Sequence[str]) -> Text:
+    parts = [str(settings.get("mode", "?"))]
+    if settings.get("maintenance"):
+        parts.append("maintenance")
+    if settings.get("load_balancing", True):
+        parts.append("any server")
+    else:
+        parts.append(f"only {settings.get('fixed_server') or '?'}")
+    affinity = settings.get("subnet_affinity", "none")
+    if affinity != "none":
+        parts.append(f"affinity {affinity}")
+    if settings.get("shared"):
+        parts.append("shared store")
+    text = Text(", ".join(parts))
+    if differ:
+        text.append(f"  differs: {', '.join(differ)}", style="red")
+    return text
+
+
+def _failover(vdisk: Mapping[str, Any], replica: Mapping[str, Any], candidates: set[str]) -> str:
+    """Whether a target streaming this vDisk may move to this server when another fails."""
+    if not vdisk.get("failover_allowed", False):
+        return "off"  # load balancing off, maintenance, or a private image on local storage
+    return "candidate" if replica.get("server") in candidates else "-"
+
+
+def _counts(counts: Mapping[str, Any]) -> str:
+    if not counts:
+        return "0"
+    total = sum(int(value) for value in counts.values())
+    detail = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+    return f"{total} ({detail})"
+
+
+def _number(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _ago(seconds: object, is_self: object) -> str:
+    if is_self:
+        return "(this server)"
+    if not isinstance(seconds, int | float):
+        return "never"
+    return f"{seconds:.1f} s ago"
+
+
+def _local_time(iso: str) -> str:
+    try:
+        moment = datetime.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,387 @@
+"""Streaming against a real pvsd: byte-exact reads, many targets at once, identity changes, stop.
+
+Every vDisk is made with the real pvsctl from seeded random bytes, so each read is checked
+against the bytes on disk, not against what the server says about them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import (
+    MIB,
+    Pvsd,
+    RawClient,
+    Servers,
+    assert_serves,
+    image_path,
+    logged_in,
+    make_vdisk,
+    pvs_target,
+    pvsctl,
+    read_whole,
+)
+
+from pvs_protocol.errors import ErrorCode
+from pvs_target.client import ConnectionLost, LoginError, ServerError
+
+SIZES = {
+    "tiny": 512,
+    "odd": 3 * MIB + 512,  # not a multiple of any chunk size used here
+    "even": 4 * MIB,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    server: Pvsd
+    store: Path
+    images: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def site(module_servers: Servers) -> Site:
+    """One server, shared by the tests that only read, with a vDisk of each size."""
+    store = module_servers.workdir / "store"
+    for seed, (name, size) in enumerate(SIZES.items(), start=1):
+        make_vdisk(store, name, size, seed)
+    make_vdisk(store, "blank", MIB, seed=None)  # `pvsctl vdisk create`: sparse, all zeroes
+    images = {name: image_path(store, name).read_bytes() for name in [*SIZES, "blank"]}
+    server = module_servers("stream", store, vdisks=list(images))
+    return Site(server, store, images)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- whole-disk reads ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("vdisk", "options"),
+    [
+        ("tiny", []),
+        ("odd", []),
+        ("odd", ["--chunk", "64K", "--depth", "3", "--no-checksum"]),
+        ("odd", ["--chunk", "1000", "--depth", "1"]),  # unaligned requests, one at a time
+        ("even", ["--chunk", "4M"]),
+        ("blank", []),
+    ],
+)
+def test_cli_reads_whole_disk_byte_exact(
+    site: Site, tmp_path: Path, vdisk: str, options: list[str]
+) -> None:
+    output = tmp_path / "copy.img"
+    result = pvs_target(
+        "read", "--server", site.server.address, "--vdisk", vdisk, "-o", str(output),
+        "--device-id", "cli-target", "--json", "-q", *options,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = site.images[vdisk]
+    assert report["verified"] is True
+    assert report["sha256"] == sha256(expected)
+    assert report["identity"]["digest"] == sha256(expected)
+    assert report["bytes"] == report["identity"]["size"] == len(expected)
+    assert output.read_bytes() == expected
+
+
+def test_cli_read_of_an_unknown_vdisk_fails_with_a_message(site: Site) -> None:
+    result = pvs_target(
+        "read", "--server", site.server.address, "--vdisk", "nosuchdisk", "--json", "-q"
+    )
+    assert result.returncode == 2
+    assert "UNKNOWN_VDISK" in result.stderr and "nosuchdisk" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("vdisk", "max_request", "chunk", "checksum"),
+    [
+        ("tiny", 4096, None, True),
+        ("odd", MIB, None, True),
+        ("odd", 64 * 1024, 3 * 1024 * 1024, False),  # chunk capped by the agreed max_request
+        ("odd", 4096, 1536, True),  # requests that straddle sectors
+        ("odd", 512, None, True),  # the smallest max_request a server must accept
+        ("even", 4 * MIB, None, False),
+        ("blank", MIB, None, True),
+    ],
+)
+async def test_library_reads_whole_disk_byte_exact(
+    site: Site, vdisk: str, max_request: int, chunk: int | None, checksum: bool
+) -> None:
+    expected = site.images[vdisk]
+    async with logged_in(
+        site.server.address, vdisk, "lib-target", max_request=max_request, checksum=checksum
+    ) as session:
+        assert session.size == len(expected)
+        assert session.identity.digest.hex() == sha256(expected)
+        assert session.max_request <= max_request
+        data = await read_whole(session, chunk=chunk)
+    assert sha256(data) == sha256(expected)
+
+
+async def test_fifty_concurrent_targets_read_random_ranges_correctly(site: Site) -> None:
+    """50 targets, each with its own connection and session, all logged in at once, each
+    reading random ranges (pipelined) that are checked against the image on disk."""
+    image = site.images["odd"]
+    size = len(image)
+
+    async def target(index: int, session_ids: list[int], ready: asyncio.Barrier) -> int:
+        rng = random.Random(index)
+        max_request = rng.choice([4096, 64 * 1024, MIB])
+        async with logged_in(
+            site.server.address, "odd", f"target-{index:02d}", max_request=max_request,
+            checksum=rng.random() < 0.5,
+        ) as session:
+            session_ids.append(session.session_id)
+            await ready.wait()  # every target is connected before any reads
+            ranges = []
+            for _ in range(12):
+                offset = rng.randrange(size)
+                length = rng.randint(1, min(session.max_request, size - offset))
+                ranges.append((offset, length))
+            results = await asyncio.gather(
+                *(session.connection.read(offset, length) for offset, length in ranges)
+            )
+            for (offset, length), data in zip(ranges, results, strict=True):
+                assert data == image[offset : offset + length], (index, offset, length)
+            return len(ranges)
+
+    count = 50
+    session_ids: list[int] = []
+    ready = asyncio.Barrier(count)
+    async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+        tasks = [group.create_task(target(index, session_ids, ready)) for index in range(count)]
+    assert sum(task.result() for task in tasks) == count * 12
+    assert len(set(session_ids)) == count, "each target must get its own session"
+    assert not site.server.trouble()
+
+
+async def test_pinned_login_with_the_same_identity_is_served(site: Site) -> None:
+    async with logged_in(site.server.address, "odd", "pin-target") as first:
+        identity = first.identity
+    async with logged_in(site.server.address, "odd", "pin-target", pinned=identity) as again:
+        assert again.identity == identity
+        assert await again.connection.read(4096, 4096) == site.images["odd"][4096:8192]
+
+
+@pytest.mark.parametrize("field", ["version", "timestamp_ns", "size", "digest"])
+async def test_pinned_login_with_a_different_identity_is_refused(site: Site, field: str) -> None:
+    async with logged_in(site.server.address, "odd", "pin-target") as first:
+        identity = first.identity
+    changed: dict[str, Any] = {
+        "digest": bytes(reversed(identity.digest)),
+        "version": identity.version + 1,
+        "timestamp_ns": identity.timestamp_ns + 1,
+        "size": identity.size + 512,
+    }
+    pinned = dataclasses.replace(identity, **{field: changed[field]})
+    with pytest.raises(LoginError) as refused:
+        async with logged_in(site.server.address, "odd", f"pin-{field}", pinned=pinned):
+            pass
+    assert refused.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+    await site.server.until_log(
+        "login_refused", device=f"pin-{field}", code="NO_IDENTICAL_REPLICA"
+    )
+    await assert_serves(site.server, "odd", site.images["odd"])
+
+
+# -- the replica changes under a running server ----------------------------------------------
+
+
+def _flip(data: bytes) -> bytes:
+    return bytes(byte ^ 0xFF for byte in data)
+
+
+@pytest.mark.parametrize("change", ["pwrite", "touch", "replace"])
+async def test_changed_replica_gets_a_new_identity_and_old_sessions_are_refused(
+    pvsd_factory: Servers, tmp_path: Path, change: str
+) -> None:
+    store = tmp_path / "store"
+    make_vdisk(store, "live", MIB, seed=11)
+    path = image_path(store, "live")
+    original = path.read_bytes()
+    server = pvsd_factory("pvs1", store, vdisks=["live"], args=["--watch-interval", "0.1"])
+
+    async with logged_in(server.address, "live", "early-bird") as old:
+        assert await old.connection.read(0, 8192) == original[:8192]
+        old_identity = old.identity
+
+        if change == "pwrite":  # change bytes in place, as an admin's tool would
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                assert os.pwrite(fd, _flip(original[4096:4608]), 4096) == 512
+            finally:
+                os.close(fd)
+        elif change == "touch":  # same bytes, new modification time
+            os.utime(path)
+        else:  # a new file renamed over the image, as a careful copy tool does
+            fresh = path.with_name(".live.img.new")
+            fresh.write_bytes(_flip(original[:512]) + original[512:])
+            os.replace(fresh, path)
+        current = path.read_bytes()
+        await server.until_log("identity_withdrawn", vdisk="live")
+        await server.until_log("identity_published", vdisk="live", count=2)
+
+        # The session that streamed the old replica gets no byte of the new one, neither in
+        # the changed range nor elsewhere, and its connection goes on (a request failure).
+        for offset in (4096, 0, MIB - 512):
+            with pytest.raises(ServerError) as refused:
+                await old.connection.read(offset, 512)
+            assert refused.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+        assert old.connection.is_open
+
+    async with logged_in(server.address, "live", "late-comer") as new:
+        differences = old_identity.differences(new.identity)
+        expected = ["timestamp"] if change == "touch" else ["timestamp", "content"]
+        assert differences == expected
+        assert new.identity.digest.hex() == sha256(current)
+        assert await read_whole(new) == current
+
+    # A target pinned to the replica that no longer exists is refused, not served.
+    with pytest.raises(LoginError) as refused_login:
+        async with logged_in(server.address, "live", "early-bird", pinned=old_identity):
+            pass
+    assert refused_login.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+    assert not server.trouble()
+
+
+async def test_removed_replica_is_no_longer_served(pvsd_factory: Servers, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    make_vdisk(store, "gone", 64 * 1024, seed=13)
+    path = image_path(store, "gone")
+    original = path.read_bytes()
+    server = pvsd_factory("pvs1", store, vdisks=["gone"], args=["--watch-interval", "0.1"])
+    async with logged_in(server.address, "gone", "early-bird") as old:
+        assert await old.connection.read(0, 4096) == original[:4096]
+        path.unlink()
+        await server.until_log("vdisk_removed", vdisk="gone")
+        with pytest.raises(ServerError) as refused:
+            await old.connection.read(0, 4096)
+        assert refused.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+    with pytest.raises(LoginError) as refused_login:
+        async with logged_in(server.address, "gone", "late-comer"):
+            pass
+    assert refused_login.value.code is ErrorCode.UNKNOWN_VDISK
+    assert not server.trouble()
+
+
+async def test_in_place_write_is_never_streamed_to_a_session_of_the_old_replica(
+    pvsd_factory: Servers, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    make_vdisk(store, "live", MIB, seed=12)
+    path = image_path(store, "live")
+    original = path.read_bytes()
+    # A long watch interval makes the window certain: no poll happens during the test.
+    server = pvsd_factory("pvs1", store, vdisks=["live"], args=["--watch-interval", "60"])
+    async with logged_in(server.address, "live", "early-bird") as old:
+        assert await old.connection.read(4096, 512) == original[4096:4608]
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, _flip(original[4096:4608]), 4096)
+        finally:
+            os.close(fd)
+        try:
+            data = await old.connection.read(4096, 512)
+        except ServerError as refused:
+            assert refused.code is ErrorCode.NO_IDENTICAL_REPLICA
+        else:
+            assert data == original[4096:4608], (
+                "the session was served bytes that are not in the replica it logged in to"
+            )
+
+
+# -- stopping -----------------------------------------------------------------------------------
+
+
+async def test_sigterm_stops_cleanly_while_targets_are_connected(
+    pvsd_factory: Servers, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    make_vdisk(store, "d", 2 * MIB, seed=21)
+    image = image_path(store, "d").read_bytes()
+    server = pvsd_factory("pvs1", store, vdisks=["d"], args=["--drain-timeout", "1"])
+
+    async with contextlib.AsyncExitStack() as stack:
+        stubborn = await stack.enter_async_context(logged_in(server.address, "d", "stubborn"))
+        polite = await stack.enter_async_context(logged_in(server.address, "d", "polite"))
+        waiting = await RawClient.connect(server.address)  # in the login phase: no session yet
+        stack.push_async_callback(waiting.close)
+        await waiting.hello()
+        assert await read_whole(stubborn) == image
+        assert await polite.connection.read(0, 4096) == image[:4096]
+
+        server.signal(signal.SIGTERM)
+        await server.until_log("shutdown_requested")
+
+        # Not yet logged in: told at once that the server is stopping.
+        goodbye = await waiting.expect_goodbye()
+        assert goodbye is not None and goodbye.code == ErrorCode.STOPPING
+
+        # Streaming targets are asked to log in elsewhere (RELOGIN with a deadline); this one
+        # does, and leaves.
+        async with asyncio.timeout(15):
+            await polite.connection.relogin.wait()
+        notice = polite.connection.relogin_notice
+        assert notice is not None and notice.deadline_ms > 0
+        await polite.close()
+
+        # A target that stays is answered correctly (or told STOPPING) until the server
+        # closes its connection with GOODBYE STOPPING.
+        try:
+            assert await stubborn.connection.read(MIB, 4096) == image[MIB : MIB + 4096]
+        except (ServerError, ConnectionLost) as refused:
+            assert refused.code is ErrorCode.STOPPING
+        async with asyncio.timeout(15):
+            await stubborn.connection.wait_closed()
+        failure = stubborn.connection.failure
+        assert isinstance(failure, ConnectionLost) and failure.code is ErrorCode.STOPPING
+        assert stubborn.connection.relogin.is_set(), "it was asked to move before being closed"
+
+        with pytest.raises(LoginError):  # no new logins while stopping
+            async with logged_in(server.address, "d", "latecomer", connect_timeout=2):
+                pass
+
+    assert server.wait(15) == 0
+    assert server.find_logs("stopped"), server.log_tail()
+    assert not server.trouble(), server.trouble()
+
+
+def test_sigterm_on_an_idle_server_exits_zero(pvsd_factory: Servers, tmp_path: Path) -> None:
+    make_vdisk(tmp_path / "store", "d", 4096, seed=22)
+    server = pvsd_factory("pvs1", vdisks=["d"])
+    assert server.stop() == 0
+    events = [line["event"] for line in server.log_lines()]
+    assert events.index("shutdown_requested") < events.index("stopped")
+
+
+async def test_login_while_hashing_is_pending_and_sigterm_interrupts_the_hash(
+    pvsd_factory: Servers, tmp_path: Path
+) -> None:
+    """A 64 GiB sparse image takes far longer to hash than this test runs: meanwhile logins are
+    refused with IDENTITY_PENDING (retryable), and SIGTERM still stops the server at once."""
+    store = tmp_path / "store"
+    pvsctl("vdisk", "create", "huge", "--size", "64G", "--store", str(store))
+    server = pvsd_factory("pvs1", store)
+    await server.until_log("identity_hashing", vdisk="huge")
+    with pytest.raises(LoginError) as refused:
+        async with logged_in(server.address, "huge", "impatient"):
+            pass
+    assert refused.value.code is ErrorCode.IDENTITY_PENDING
+    assert refused.value.retryable
+    assert server.stop() == 0
+    assert server.find_logs("stopped")
+    assert not server.find_logs("identity_published")
