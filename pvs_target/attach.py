@@ -44,12 +44,30 @@ def add_commands(commands: Any, address: Any, default_device: str) -> None:
     attach.add_argument("--give-up-after", type=float, default=0.0, metavar="SECONDS",
                         help="fail reads after this long without a server; 0 waits for ever")
     attach.add_argument("--no-checksum", action="store_true")
+    attach.add_argument("--cache", choices=["ram", "ram+overflow", "file"], default="ram+overflow",
+                        help="write cache for Standard Image vDisks (default %(default)s)")
+    attach.add_argument("--cache-size", type=_size, default=4 << 30, metavar="SIZE",
+                        help="write cache limit; full means ENOSPC (default 4G)")
+    attach.add_argument("--cache-ram", type=_size, default=256 << 20, metavar="SIZE",
+                        help="RAM part of a ram+overflow cache (default 256M)")
+    attach.add_argument("--cache-dir", default="", metavar="DIR",
+                        help="directory of the cache file (default: the temp directory)")
     attach.set_defaults(handler=attach_command)
 
     status = commands.add_parser("status", help="show what an attached target streams from")
     status.add_argument("--control", default=DEFAULT_PATH, metavar="PATH")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=status_command)
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 4G") from None
 
 
 def attach_command(args: argparse.Namespace) -> int:
@@ -88,7 +106,8 @@ async def _attach(args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         if export is not None:
-            await export.close()
+            export.close()
+            await export.wait_closed()
         await control.close()
         await stream.close()
     return 0
@@ -108,7 +127,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def render(status: dict[str, Any]) -> None:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     server = status.get("server") or {}
     identity = status.get("identity") or {}
     failover = (

@@ -87,6 +87,7 @@ def main() -> int:
             handle.write(os.urandom(1 << 20))
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     first = WORK / "pvs1"
+    first.mkdir()
     run(pvsctl, "vdisk", "import", str(source), "--name", "demo", "--store", str(first))
     for name, _, _ in SERVERS[1:]:
         (WORK / name).mkdir()

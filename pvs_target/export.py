@@ -1,0 +1,121 @@
+"""The attached vDisk as an NBD export: the failover stream below, the write cache on top.
+
+Standard Image: the vDisk is read-only on the server; the machine's writes land in its local
+write cache and reads merge the cache over the stream, so writes survive every failover.
+Private Image: writes go through to the server's image and FLUSH makes them durable there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Literal
+
+import structlog
+
+from pvs_target.cache import CacheFull, WriteCache
+from pvs_target.failover import VDiskStream
+from pvs_target.nbd.server import BackendError, NbdServer, serve_nbd
+
+log = structlog.get_logger("pvs_target.export")
+
+Data = bytes | bytearray | memoryview
+
+
+@dataclasses.dataclass
+class StreamBackend:
+    """NBD backend over a VDiskStream, with a write cache for read-only (Standard) images."""
+
+    stream: VDiskStream
+    cache: WriteCache | None
+
+    @property
+    def size(self) -> int:
+        return self.stream.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.stream.read_only and self.cache is None
+
+    @property
+    def block_size(self) -> int:
+        return self.stream.block_size
+
+    @property
+    def multi_conn(self) -> bool:
+        # One process serves every NBD connection from one cache or one server session:
+        # a FLUSH on any connection covers the writes of all.
+        return True
+
+    async def read(self, offset: int, length: int) -> Data:
+        if self.cache is not None:
+            return await self.cache.read(offset, length, self.stream.read)
+        return await self.stream.read(offset, length)
+
+    async def write(self, offset: int, data: Data, fua: bool) -> None:
+        if self.cache is not None:
+            self._cached(lambda cache: cache.write(offset, data))
+            return
+        await self.stream.write(offset, data)
+        if fua:
+            await self.stream.flush()
+
+    async def flush(self) -> None:
+        if self.cache is None:
+            await self.stream.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        if self.cache is not None:
+            self._cached(lambda cache: cache.trim(offset, length))
+        # a trim on a Private Image is a hint the server may ignore: do nothing
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        if self.cache is not None:
+            self._cached(lambda cache: cache.zero(offset, length))
+            return
+        step = 1 << 20
+        for at in range(offset, offset + length, step):
+            await self.stream.write(at, bytes(min(step, offset + length - at)))
+
+    def _cached(self, change: object) -> None:
+        assert self.cache is not None
+        try:
+            change(self.cache)  # type: ignore[operator]
+        except CacheFull as full:
+            log.error(
+                "write_cache_full", used=self.cache.used, limit=self.cache.limit,
+                hint="give a larger --cache-size, or a file cache (--cache file)",
+            )
+            raise BackendError(full.errno or 28, str(full)) from None
+
+
+def make_cache(
+    stream: VDiskStream, kind: Literal["ram", "file", "ram+overflow"], limit: int,
+    ram_limit: int, directory: str | None,
+) -> WriteCache | None:
+    if not stream.read_only:
+        return None  # Private Image: writes go to the server
+    return WriteCache(
+        kind, stream.size, limit, directory=directory,
+        ram_limit=min(ram_limit, limit) if kind == "ram+overflow" else None,
+    )
+
+
+async def start_export(
+    stream: VDiskStream, address: str, args: argparse.Namespace
+) -> NbdServer:
+    cache = make_cache(
+        stream, args.cache, args.cache_size, args.cache_ram, args.cache_dir or None
+    )
+    backend = StreamBackend(stream, cache)
+    server = await serve_nbd(
+        backend, address, stream.vdisk,
+        description=f"pvs vDisk {stream.vdisk}", log=log,
+    )
+    log.info(
+        "nbd_export_ready", address=address, vdisk=stream.vdisk, size=stream.size,
+        cache=args.cache if cache else "none (writes go to the server)",
+        read_only=backend.read_only, pid=os.getpid(),
+    )
+    return server
