@@ -14,17 +14,23 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from harness import PYTHON, image_path
-from sites import SIZE, Site, pvsctl, restart, stop_async, until
+from sites import SIZE, Site, pvsctl, restart, running_site, stop_async, until
 
 from pvs_target.failover import FailoverSettings, GaveUp, VDiskStream
 
 MIB = 1 << 20
 FAST = FailoverSettings(keepalive_interval=0.3, dead_after=1.0, connect_timeout=1.0)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with running_site(tmp_path) as built:
+        yield built
 
 
 class Reader:
