@@ -143,10 +143,10 @@ class Connection:
         end = wire.HEADER_SIZE + length
         if len(self._buffer) < end:
             return ev.NEED_DATA
-        with memoryview(self._buffer) as view:  # slicing a bytearray would copy twice
-            payload = bytes(view[wire.HEADER_SIZE : end])
+        # Decode straight from the receive buffer: block data is copied once, by the decoder.
+        with memoryview(self._buffer) as view, view[wire.HEADER_SIZE : end] as payload:
+            event = wire.decode(kind, flags, request_id, payload, self.checksum)
         del self._buffer[:end]
-        event = wire.decode(kind, flags, request_id, payload, self.checksum)
         self._check_received(event)
         return event
 

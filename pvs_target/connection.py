@@ -180,6 +180,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         """Set when the server asks the target to log in elsewhere (see ``relogin_notice``)."""
         self.relogin_notice: ev.Relogin | None = None
         self.on_relogin: Callable[[ev.Relogin], None] | None = None
+        self.on_closed: Callable[[ClientError], None] | None = None
+        """Called once when the connection ends, so an idle owner learns of it at once."""
         self.last_heard = self._loop.time()
         """When a byte last arrived: the failover layer declares a silent server gone."""
 
@@ -378,6 +380,8 @@ class StreamConnection(asyncio.BufferedProtocol):
             if not waiter.done():
                 waiter.set_exception(failure)
         self._writable.set()
+        if self.on_closed is not None:
+            self.on_closed(failure)
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
 

@@ -18,6 +18,7 @@ the default (0) waits for ever, because a machine would rather hang than crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -273,7 +274,7 @@ class VDiskStream:
                     servers,
                     self.vdisk,
                     self.device_id,
-                    pinned=self.identity,
+                    pinned=self._pin(old),
                     max_request=self.settings.max_request,
                     checksum=self.settings.checksum,
                     connect_timeout=self.settings.connect_timeout,
@@ -310,15 +311,18 @@ class VDiskStream:
             return None
         return self.identity
 
-    def _plan(self, old: Session | None) -> tuple[list[str], str, bool]:
+    def _plan(
+        self, old: Session | None, first: tuple[str, ...] = ()
+    ) -> tuple[list[str], str, bool]:
         """Where to log in: the site (not the lost server) when failover is allowed, else
         straight back to the one server that provides the vDisk."""
         if old is None:
             return self.bootstrap, "", False
         if not self.failover_allowed_for(old):
             return [old.connected_to], "", True
-        others = [s for s in self.known_servers if s != old.connected_to]
-        return [*others, old.connected_to], old.server_name, False
+        # servers the site says are serving first; the one we lost last
+        others = [s for s in (*first, *self.known_servers) if s != old.connected_to]
+        return [*dict.fromkeys(others), old.connected_to], old.server_name, False
 
     def _why_waiting(self, old: Session | None, error: LoginError) -> str:
         if old is not None and not self.failover_allowed_for(old):
@@ -347,6 +351,7 @@ class VDiskStream:
             self.identity = session.identity
         self._learn((session.connected_to, session.login_server, *session.site))
         session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)
+        session.connection.on_closed = lambda failure: self._lost(session, str(failure))
         self.session = self.last_session = session
         self.state = "streaming"
         self.waiting_reason = ""
@@ -386,30 +391,33 @@ class VDiskStream:
         if not self.failover_allowed_for(old):
             return  # it will close; we then wait for it to come back
         self._learn(notice.site)
-        servers, avoid, _ = self._plan(old)
-        deadline = notice.deadline_ms / 1000
-        try:
-            session = await login(
-                servers,
-                self.vdisk,
-                self.device_id,
-                pinned=self.identity,
-                max_request=self.settings.max_request,
-                checksum=self.settings.checksum,
-                connect_timeout=min(self.settings.connect_timeout, deadline),
-                log=self.log,
-                avoid=avoid,
-            )
-        except LoginError as error:
-            self.log.warning("relogin_elsewhere_failed", error=error.message)
-            return  # keep streaming from old until it closes; then the unplanned path runs
+        until = time.monotonic() + notice.deadline_ms / 1000
+        delay = self.settings.retry_min
+        while True:  # keep trying until the deadline: the old server still serves meanwhile
+            servers, avoid, _ = self._plan(old, first=notice.site)
+            left = until - time.monotonic()
+            try:
+                session = await login(
+                    servers, self.vdisk, self.device_id, pinned=self._pin(old),
+                    max_request=self.settings.max_request, checksum=self.settings.checksum,
+                    connect_timeout=max(0.1, min(self.settings.connect_timeout, left)),
+                    log=self.log, avoid=avoid,
+                )
+                break
+            except LoginError as error:
+                self.log.warning("relogin_elsewhere_failed", error=error.message)
+                if self.session is not old or time.monotonic() + delay >= until:
+                    return  # the unplanned path takes over once the old server closes
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max)
         if self.session is not old:
             await session.close()
             return
         self._install(session, old)
-        async with asyncio.timeout(deadline):  # let the old replies arrive, then say goodbye
-            while old.connection.in_flight and old.connection.is_open:
-                await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):  # let the old replies arrive, then goodbye
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                while old.connection.in_flight and old.connection.is_open:
+                    await asyncio.sleep(0.01)
         await old.close()
 
     # -- watching the server ------------------------------------------------------------------

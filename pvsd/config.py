@@ -218,6 +218,10 @@ def read_key(path: Path) -> bytes:
     return key
 
 
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
 def _validate(config: Config) -> None:
     if not config.stores and not config.shared_stores:
         raise ConfigError("no vDisk store: give --store DIR or stores = [...] in the config")
@@ -229,6 +233,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             "the admin API needs the site key to authenticate requests: give --key-file FILE "
             "(pvsctl site keygen), or --admin off"
+        )
+    if config.peers and not config.advertise and _wildcard(config.listen_host):
+        raise ConfigError(
+            f"listening on {config.listen} with peers: give --advertise HOST:PORT (the address "
+            "peers and targets should use), or listen on that address"
         )
     if not 0.1 <= config.power <= 1000:
         raise ConfigError("power must be between 0.1 and 1000")
