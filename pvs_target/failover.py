@@ -283,8 +283,8 @@ class VDiskStream:
                     direct=direct,
                 )
             except LoginError as error:
-                if old is None and not error.retryable:
-                    raise  # a first login to an unknown vDisk: nothing to wait for
+                if old is None and (not error.retryable or error.code is ErrorCode.BUSY):
+                    raise  # unknown vDisk, or another writer has it: say so, do not wait
                 self.waiting_reason = self._why_waiting(old, error)
                 waited = time.monotonic() - started
                 give_up = self.settings.give_up_after
