@@ -432,7 +432,7 @@ def test_fio_verify_through_the_cache(servers: ThreadServer, cached: CachedBacke
     server = servers.serve(cached, f"unix:{tmp_path}/nbd.sock")
     result = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={uri(server)}",
                  "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8M",
-                 "--verify=crc32c", "--do_verify=1", "--randrepeat=0",
+                 "--verify=crc32c", "--do_verify=1", "--randrepeat=0", "--verify_state_save=0",
                  "--output-format=json", timeout=120)
     text = result.stdout
     report = json.loads(text[text.index("{"):])
