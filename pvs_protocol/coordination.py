@@ -17,6 +17,7 @@ import struct
 from typing import Any
 
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
+from pvs_protocol.modes import Mode, SubnetAffinity
 
 MAGIC = b"PVSC"
 VERSION = 1
@@ -32,6 +33,8 @@ _HEARTBEAT = struct.Struct(">BIIQIHH")
 _INVENTORY = struct.Struct(">IHH")
 _ENTRY = struct.Struct(">BBB")
 _IDENTITY = struct.Struct(f">IQQ{DIGEST_SIZE}s")
+_MODE_CODES = frozenset(m.code for m in Mode)
+_AFFINITY_CODES = frozenset(a.code for a in SubnetAffinity)
 
 
 class CoordinationError(Exception):
@@ -253,6 +256,8 @@ def _decode_inventory(c: _Cursor) -> InventoryChunk:
     entries = []
     for _ in range(c.take(1)[0]):
         mode, affinity, flags = c.unpack(_ENTRY)
+        if mode not in _MODE_CODES or affinity not in _AFFINITY_CODES:
+            raise CoordinationError("malformed", f"unknown mode {mode} or affinity {affinity}")
         vdisk, fixed = c.string(), c.string()
         identity = None
         if flags & 8:

@@ -47,6 +47,9 @@ class FailoverSettings:
     """Per login attempt: a server that does not answer quickly is skipped."""
     retry_min: float = 0.05
     retry_max: float = 2.0
+    avoid_for: float = 5.0
+    """After losing a server, ask login servers to avoid it for this long (longer than the
+    site's peer timeout, so that the site has noticed by then)."""
     give_up_after: float = 0.0
     """Seconds without any server before reads fail; 0 waits for ever."""
     max_request: int = 1 << 20
@@ -320,9 +323,12 @@ class VDiskStream:
             return self.bootstrap, "", False
         if not self.failover_allowed_for(old):
             return [old.connected_to], "", True
-        # servers the site says are serving first; the one we lost last
+        # servers the site says are serving first; the one we lost last. Ask the site to
+        # avoid it only until its peers have had time to notice it is gone: after that,
+        # their view is the better judge (it may be back, and the only one with our replica).
         others = [s for s in (*first, *self.known_servers) if s != old.connected_to]
-        return [*dict.fromkeys(others), old.connected_to], old.server_name, False
+        recent = time.monotonic() - self._lost_at < self.settings.avoid_for
+        return [*dict.fromkeys(others), old.connected_to], old.server_name if recent else "", False
 
     def _why_waiting(self, old: Session | None, error: LoginError) -> str:
         if old is not None and not self.failover_allowed_for(old):

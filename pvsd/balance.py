@@ -7,7 +7,8 @@ The rules, in the order they apply:
    A new target goes to the replica set an administrator most likely means: the highest
    version, then the one most servers hold, then the newest timestamp.
 4. Subnet affinity: best effort prefers servers on the target's subnet; fixed allows only them.
-5. A server the target names as just lost is skipped (unless it is the only one allowed).
+5. A server the target names as just lost is skipped (the target names it only for a few
+   seconds, until the site has had time to notice; load balancing off ignores it).
 6. Least busy wins: targets divided by power rating; ties go to the login server itself (saves
    the target a redirect), then by name, so every server decides the same way.
 """
@@ -104,7 +105,6 @@ def choose(
     ready = [
         s for s in servers
         if s.serving and vdisk in s.replicas and s.replicas[vdisk].identity is not None
-        and (s.name != avoid or not settings.load_balancing)
     ]
     if not settings.load_balancing:
         ready = [s for s in ready if s.name == settings.fixed_server]
@@ -124,7 +124,10 @@ def choose(
     wanted = pinned if pinned is not None else preferred_identity(
         s.replicas[vdisk].identity for s in ready
     )
-    identical = [s for s in ready if s.replicas[vdisk].identity == wanted]
+    identical = [
+        s for s in ready
+        if s.replicas[vdisk].identity == wanted and (s.name != avoid or not settings.load_balancing)
+    ]
     if not identical:
         return Refusal(
             ErrorCode.NO_IDENTICAL_REPLICA,

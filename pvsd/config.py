@@ -241,6 +241,8 @@ def _validate(config: Config) -> None:
         )
     if not 0.1 <= config.power <= 1000:
         raise ConfigError("power must be between 0.1 and 1000")
+    if len(config.subnets) > 8:
+        raise ConfigError("at most 8 subnets per server (they travel in every heartbeat)")
     for subnet in config.subnets:
         try:
             ipaddress.ip_network(subnet, strict=False)

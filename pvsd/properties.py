@@ -87,6 +87,10 @@ class VDiskProperties:
             raise PropertiesError(
                 "fixed_server", "has surrounding blanks or a line break; write the bare name"
             )
+        if len(self.fixed_server) > 64:
+            raise PropertiesError(
+                "fixed_server", "is longer than 64 characters; server names are at most 64"
+            )
         if not self.load_balancing and not self.fixed_server:
             raise PropertiesError(
                 "fixed_server",

@@ -181,7 +181,11 @@ class StreamServer:
         if props.mode is Mode.private:
             owner = locks.Owner(self.config.name, session_id, login.device_id, time.time())
             try:
-                locks.acquire(vdisk.path, owner, alive=self._writer_alive)
+                locks.acquire(
+                    vdisk.path, owner,
+                    # the same device coming back (its old connection broke) takes its lock over
+                    alive=lambda held: held.device != owner.device and self._writer_alive(held),
+                )
             except locks.Busy as busy:
                 return ev.Error(0, ErrorCode.BUSY, str(busy))
         return vdisk, ev.LoginOk(

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pvsd.session")
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_BATCH_BYTES = 256 * 1024
 _SPARE_MAX = 16 * 1024
 """Small reads are where allocation shows; big buffers are not kept, so that an idle session
 stays small."""
@@ -68,6 +69,9 @@ class Session(asyncio.Protocol):
         self.image: ImageFile | None = None
         self._stat_at_login: tuple[int, int, int] = (0, 0, 0)
         self._spare: list[bytearray] = []
+        self._lent: list[bytearray] = []
+        self._batch: list[bytes | bytearray | memoryview] | None = None
+        self._batched = 0
         """Read buffers the transport no longer holds: saves allocating (and zeroing) one per
         READ. Only taken back when the reply went to the kernel whole."""
         """Held for the whole session, so a replaced image's descriptor cannot be reused."""
@@ -100,6 +104,7 @@ class Session(asyncio.Protocol):
     def _process(self) -> None:
         """Handle every whole frame received, unless the target is not reading our replies:
         then requests wait in the receive buffer (bounded by TCP) until it catches up."""
+        self._batch = []
         try:
             while self.transport is not None and not self.transport.is_closing():
                 if self._paused:
@@ -113,6 +118,8 @@ class Session(asyncio.Protocol):
         except ProtocolError as error:
             self._log.warning("protocol_error", code=error.code.name, error=error.message)
             self.close(error.code, error.message)
+        finally:
+            self._write_batch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -155,10 +162,32 @@ class Session(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         try:
-            self.transport.writelines(self.conn.send_buffers(event))
+            buffers = self.conn.send_buffers(event)
         except ProtocolError as error:  # our own bug: say so loudly, and end this session only
             self._log.error("internal_protocol_error", error=str(error))
             self.transport.abort()
+            return
+        if self._batch is None:
+            self.transport.writelines(buffers)
+            return
+        self._batch += buffers
+        self._batched += sum(len(b) for b in buffers)
+        if self._batched >= _BATCH_BYTES:  # big replies gain nothing from waiting: write now,
+            self._write_batch()  # so the transport can apply backpressure (pause_writing)
+            self._batch = []
+
+    def _write_batch(self) -> None:
+        """Write the replies gathered while handling one burst of requests: one system call
+        for many small replies instead of one each."""
+        batch, self._batch = self._batch, None
+        self._batched = 0
+        transport = self.transport
+        if not batch or transport is None or transport.is_closing():
+            return
+        transport.writelines(batch)
+        lent, self._lent = self._lent, []
+        if lent and not transport.get_write_buffer_size():  # the kernel has it all
+            self._spare = (self._spare + lent)[-2:]
 
     def close(self, code: int = 0, message: str = "") -> None:
         """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
@@ -166,6 +195,7 @@ class Session(asyncio.Protocol):
             return
         if self.conn.phase is not Phase.CLOSED:
             self.send(ev.Goodbye(code, message))
+        self._write_batch()
         self.transport.close()
 
     async def wait_closed(self) -> None:
@@ -197,6 +227,7 @@ class Session(asyncio.Protocol):
                 self._login(event)
             case ev.Goodbye(code, message):
                 self._log.info("target_said_goodbye", code=code, message=message)
+                self._write_batch()
                 if self.transport is not None:
                     self.transport.close()
 
@@ -219,6 +250,7 @@ class Session(asyncio.Protocol):
                     to=decision.server_name, address=decision.address, reason=decision.reason,
                 )
                 self.send(decision)
+                self._write_batch()
                 assert self.transport is not None
                 self.transport.close()
             return
@@ -300,12 +332,8 @@ class Session(asyncio.Protocol):
         if got == read.length:
             self.bytes_read += got
             self.send(ev.ReadData(read.request_id, buffer))
-            transport = self.transport
-            if (
-                read.length <= _SPARE_MAX and len(spare) < 2
-                and transport is not None and not transport.get_write_buffer_size()
-            ):
-                spare.append(buffer)  # the kernel has it all: the buffer may serve the next read
+            if read.length <= _SPARE_MAX and self._batch is not None:
+                self._lent.append(buffer)  # may serve a later read once it has been written
         else:
             self._offload(read.request_id, "read", _read_rest(image, buffer, read, got))
 

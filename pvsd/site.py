@@ -41,6 +41,8 @@ class Peer:
     inventory_generation: int = -1
     partial: dict[int, co.InventoryChunk] = dataclasses.field(default_factory=dict)
     partial_generation: int = -1
+    epoch: int = 0
+    """The peer's process start: a new one restarts its inventory generations."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,7 +111,12 @@ class Site(asyncio.DatagramProtocol):
 
     def _tick(self, now: float, *, heartbeat: bool = True) -> None:
         state = self.local()
-        chunks = self._inventory_chunks(state, now)
+        try:
+            chunks = self._inventory_chunks(state, now)
+        except ValueError as error:  # an entry too long for one datagram: say which
+            log.error("site_inventory_unsendable", error=str(error),
+                      hint="shorten the vDisk's fixed_server setting")
+            chunks = []
         beat = co.Heartbeat(
             name=self.config.name, stream_address=self.stream_address,
             admin_address=self.config.admin, state=state.serving, power=self.config.power,
@@ -122,7 +129,12 @@ class Site(asyncio.DatagramProtocol):
         for message in messages:
             self._seq += 1
             envelope = co.Envelope(self._epoch, self._seq, int(time.time() * 1000), message)
-            datagram = co.encode(envelope, self.config.site_key)
+            try:
+                datagram = co.encode(envelope, self.config.site_key)
+            except ValueError as error:  # a setting too long for the channel: say which
+                log.error("site_message_too_large", error=str(error),
+                          hint="shorten the vDisk's fixed_server or the list of subnets")
+                continue
             for target in self._targets:
                 self._send(datagram, target)
         self._check_peers(now)
@@ -166,9 +178,15 @@ class Site(asyncio.DatagramProtocol):
         now = time.monotonic()
         message = envelope.message
         peer = self.peers.get(sender)
+        if peer is not None and envelope.epoch != peer.epoch:
+            if peer.epoch:
+                log.info("peer_restarted", peer=sender)
+            peer.epoch = envelope.epoch
+            peer.inventory_generation = peer.partial_generation = -1
+            peer.partial = {}
         if isinstance(message, co.Heartbeat):
             if peer is None:
-                peer = self.peers[sender] = Peer(sender, addr, message, now)
+                peer = self.peers[sender] = Peer(sender, addr, message, now, epoch=envelope.epoch)
                 log.info("peer_joined", peer=sender, address=message.stream_address)
             peer.heartbeat, peer.last_heard, peer.source = message, now, addr
             if not peer.up:
