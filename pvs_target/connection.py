@@ -182,6 +182,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self.on_relogin: Callable[[ev.Relogin], None] | None = None
         self.on_closed: Callable[[ClientError], None] | None = None
         """Called once when the connection ends, so an idle owner learns of it at once."""
+        self._outbox: list[bytes | bytearray | memoryview] = []
         self.last_heard = self._loop.time()
         """When a byte last arrived: the failover layer declares a silent server gone."""
 
@@ -311,8 +312,21 @@ class StreamConnection(asyncio.BufferedProtocol):
             raise
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[request_id] = future
-        self._write(buffers)
+        self._queue(buffers)
         return await future
+
+    def _queue(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        """Gather the requests made in one turn of the event loop into one write: at a deep
+        queue of small reads, a system call per request is most of the cost."""
+        if not self._outbox:
+            self._loop.call_soon(self._write_outbox)
+        self._outbox += buffers
+
+    def _write_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        transport = self._transport
+        if outbox and transport is not None and not transport.is_closing():
+            transport.writelines(outbox)
 
     def _next_request_id(self) -> int:
         while True:
@@ -521,6 +535,9 @@ class StreamConnection(asyncio.BufferedProtocol):
     def _write(self, buffers: list[bytes | bytearray | memoryview]) -> None:
         transport = self._transport
         assert transport is not None
+        if self._outbox:  # requests queued earlier go first
+            buffers = [*self._outbox, *buffers]
+            self._outbox = []
         if len(buffers) == 1:
             transport.write(buffers[0])
         else:
