@@ -13,14 +13,12 @@ logged with the client's address; a bug in a handler is a 500 with no traceback 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import importlib.metadata
 import ipaddress
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -29,9 +27,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
-from pvs_protocol import coordination as co
 from pvs_protocol.modes import Mode, SubnetAffinity
-from pvsd import admin_auth, balance
+from pvsd import admin_auth
 from pvsd.config import Config, ConfigError, format_address, parse_address
 from pvsd.names import InvalidName, validate_name
 from pvsd.properties import (
@@ -41,6 +38,7 @@ from pvsd.properties import (
     properties_path,
     save_properties,
 )
+from pvsd.replication import Holder, replication_report
 from pvsd.server import StreamServer
 from pvsd.site import Peer
 
@@ -67,17 +65,6 @@ class ApiError(Exception):
 
 class PeerError(Exception):
     """A peer's part of a site-wide request failed; the message names the peer and the cause."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Holder:
-    """One server's copy of a vDisk, as the replication report sees it."""
-
-    server: str
-    state: str
-    """serving, stopping, stopped, or down (not heard from recently)."""
-    entry: co.ReplicaEntry
-    is_self: bool = False
 
 
 class AdminServer:
@@ -562,56 +549,6 @@ class AdminServer:
 # -- pure helpers ---------------------------------------------------------------------------
 
 
-def replication_report(holders: Iterable[Holder]) -> list[JSON]:
-    """Per vDisk: who holds which identity, and whether it matches the site's reference copy.
-
-    The reference is the identity placement would give a new target
-    (`balance.preferred_identity` over the servers that are up).
-    """
-    by_vdisk: dict[str, list[Holder]] = {}
-    for holder in holders:
-        by_vdisk.setdefault(holder.entry.vdisk, []).append(holder)
-    report = []
-    for name in sorted(by_vdisk):
-        group = sorted(by_vdisk[name], key=lambda h: (not h.is_self, h.server))
-        up = [h for h in group if h.state != "down"]
-        reference = balance.preferred_identity(h.entry.identity for h in up or group)
-        settings = _settings_of(group[0].entry)
-        replicas = []
-        for holder in sorted(group, key=lambda h: h.server):
-            identity = holder.entry.identity
-            reasons: list[str] = []
-            if identity is None or reference is None:
-                status = "pending"
-            else:
-                reasons = reference.differences(identity)
-                status = "different" if reasons else "identical"
-            own = _settings_of(holder.entry)
-            replicas.append({
-                "server": holder.server, "self": holder.is_self, "server_state": holder.state,
-                "identity": identity.to_json() if identity is not None else None,
-                "short": identity.short if identity is not None else "pending",
-                "status": status, "differences": reasons, "settings": own,
-                "settings_differ": sorted(k for k in own if own[k] != settings[k]),
-            })
-        candidates = [
-            r["server"] for r in replicas
-            if r["status"] == "identical" and r["server_state"] == "serving"
-        ]
-        failover = balance.failover_allowed(_replica(group[0].entry))
-        report.append({
-            "name": name,
-            "reference": reference.to_json() if reference is not None else None,
-            "reference_short": reference.short if reference is not None else None,
-            "settings": settings,
-            "replicas": replicas,
-            "failover_candidates": candidates,
-            "failover_allowed": failover,
-            "high_availability": failover and len(candidates) >= 2,
-        })
-    return report
-
-
 def parse_changes(body: bytes) -> JSON:
     """The settings a request wants changed; their values are checked against the file."""
     try:
@@ -630,26 +567,6 @@ def parse_changes(body: bytes) -> JSON:
             400, f"unknown setting(s) {', '.join(unknown)}; settable: {', '.join(SETTABLE)}"
         )
     return data
-
-
-def _settings_of(entry: co.ReplicaEntry) -> JSON:
-    replica = _replica(entry)
-    return {
-        "mode": str(replica.mode), "maintenance": replica.maintenance,
-        "load_balancing": replica.load_balancing, "fixed_server": replica.fixed_server,
-        "subnet_affinity": str(replica.affinity), "shared": replica.shared,
-    }
-
-
-def _replica(entry: co.ReplicaEntry) -> balance.Replica:
-    try:
-        mode, affinity = Mode.from_code(entry.mode), SubnetAffinity.from_code(entry.affinity)
-    except ValueError:  # a newer peer's code: show the defaults rather than fail the page
-        mode, affinity = Mode.standard, SubnetAffinity.none
-    return balance.Replica(
-        entry.identity, mode, entry.maintenance, entry.load_balancing, entry.fixed_server,
-        affinity, entry.shared,
-    )
 
 
 def _vdisk_name(request: web.Request) -> str:

@@ -241,7 +241,7 @@ class Site(asyncio.DatagramProtocol):
                 name=self.config.name, address=self.stream_address,
                 serving=state.serving is co.ServerState.SERVING, power=self.config.power,
                 targets=state.targets, subnets=self._subnets,
-                replicas={n: _replica(e) for n, e in state.replicas.items()},
+                replicas={n: replica_of(e) for n, e in state.replicas.items()},
             )
         ]
         for peer in self.peers.values():
@@ -252,13 +252,13 @@ class Site(asyncio.DatagramProtocol):
                     serving=peer.up and beat.state is co.ServerState.SERVING, power=beat.power,
                     targets=beat.targets + len(self._placed.get(peer.name, ())),
                     subnets=tuple(n for n in map(_network, beat.subnets) if n is not None),
-                    replicas={n: _replica(e) for n, e in peer.inventory.items()},
+                    replicas={n: replica_of(e) for n, e in peer.inventory.items()},
                 )
             )
         return servers
 
 
-def _replica(entry: co.ReplicaEntry) -> Replica:
+def replica_of(entry: co.ReplicaEntry) -> Replica:
     return Replica(
         identity=entry.identity, mode=Mode.from_code(entry.mode), maintenance=entry.maintenance,
         load_balancing=entry.load_balancing, fixed_server=entry.fixed_server,

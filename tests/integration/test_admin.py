@@ -28,12 +28,12 @@ from harness import Pvsd, free_port, logged_in, random_bytes
 
 from pvs_protocol import coordination as co
 from pvs_protocol.identity import ReplicaIdentity
-from pvsd.admin import Holder, replication_report
 from pvsd.admin_auth import sign
 from pvsd.config import read_key
 from pvsd.console import UserError
 from pvsd.console.client import AdminClient
 from pvsd.properties import load_properties, properties_path
+from pvsd.replication import Holder, replication_report
 
 MIB = 1024 * 1024
 HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
