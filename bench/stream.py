@@ -214,29 +214,36 @@ def pvs_client(
     return measured
 
 
-def fio(uri: str, settings: Settings, workload: str, depth: int) -> Measurement:
+def fio(
+    uri: str, settings: Settings, workload: str, depth: int, *, timed: bool = False
+) -> Measurement:
+    """One fio job. ``seq`` reads the whole disk once in 1 MiB reads, or with ``timed`` (as
+    ``bench/run.py`` and ANCHORS.md do) for ``settings.seconds`` after the ramp, like ``rand``
+    (4 KiB random reads)."""
     output = settings.work / "fio.json"
     command = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--iodepth={depth}",
                f"--size={settings.size}", "--output-format=json", f"--output={output}"]
+    timing = ["--time_based", f"--runtime={settings.seconds:g}", f"--ramp_time={settings.ramp:g}"]
     if workload == "seq":  # one pass over the whole disk, like pvs and nbdcopy
-        command += ["--rw=read", "--bs=1M", "--runtime=120"]
+        command += ["--rw=read", "--bs=1M", *(timing if timed else ["--runtime=120"])]
     else:
-        command += ["--rw=randread", "--bs=4k", "--norandommap", "--randrepeat=0",
-                    "--time_based", f"--runtime={settings.seconds:g}",
-                    f"--ramp_time={settings.ramp:g}"]
+        command += ["--rw=randread", "--bs=4k", "--norandommap", "--randrepeat=0", *timing]
     _run(command, timeout=settings.ramp + settings.seconds + 180)
     job = json.loads(output.read_text())["jobs"][0]
     read = job["read"]
     if job["error"] or not read["io_bytes"]:
         raise RuntimeError(f"fio against {uri} read nothing (error {job['error']})")
-    if workload == "seq" and read["io_bytes"] != settings.size:
+    if workload == "seq" and not timed and read["io_bytes"] != settings.size:
         raise RuntimeError(f"fio read {read['io_bytes']} of {settings.size} bytes")
+    percentiles = read["clat_ns"].get("percentile", {})
     value = read["bw_bytes"] / 1e6 if workload == "seq" else read["iops"]
     cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * read["runtime"] / 1e3  # after the ramp
     return {"tool": "fio", "uri": uri, "depth": depth, "value": value, "cpu_seconds": cpu,
             "bytes": read["io_bytes"], "ops": read["total_ios"], "seconds": read["runtime"] / 1e3,
             "mb_s": read["bw_bytes"] / 1e6, "iops": read["iops"],
-            "clat_mean_us": read["clat_ns"]["mean"] / 1e3}
+            "clat_mean_us": read["clat_ns"]["mean"] / 1e3,
+            "clat_p99_us": percentiles.get("99.000000", 0) / 1e3,
+            "clat_max_us": read["clat_ns"]["max"] / 1e3}
 
 
 def nbdcopy(uri: str, settings: Settings) -> Measurement:

@@ -78,6 +78,7 @@ class Session(asyncio.Protocol):
         self._lent: list[bytearray] = []
         self._batch: list[bytes | bytearray | memoryview] | None = None
         self._batched = 0
+        self._unchanged = False
         """Read buffers the transport no longer holds: saves allocating (and zeroing) one per
         READ. Only taken back when the reply went to the kernel whole."""
         """Held for the whole session, so a replaced image's descriptor cannot be reused."""
@@ -111,6 +112,7 @@ class Session(asyncio.Protocol):
         """Handle every whole frame received, unless the target is not reading our replies:
         then requests wait in the receive buffer (bounded by TCP) until it catches up."""
         self._batch = []
+        self._unchanged = False  # look at the image again for this burst
         try:
             while self.transport is not None and not self.transport.is_closing():
                 if self._paused:
@@ -309,14 +311,19 @@ class Session(asyncio.Protocol):
         return image
 
     def _changed_since_login(self, image: ImageFile) -> bool:
-        """Whether the image was written since login, before the store's poll notices: an
-        fstat is cheap next to a read, and a session must never get bytes of another replica."""
+        """Whether the image was written since login, before the store's poll notices: a
+        session must never get bytes of another replica. Checked once per burst of requests
+        (one fstat for all the reads that arrived together), since at deep queues a per-read
+        fstat cost more than the read itself."""
+        if self._unchanged:
+            return False
         try:
             result = os.fstat(image.fd)
         except OSError:
             return True
         key = (result.st_size, result.st_mtime_ns, result.st_ctime_ns)
-        return key != self._stat_at_login
+        self._unchanged = key == self._stat_at_login
+        return not self._unchanged
 
     def _request_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self._log.warning("request_refused", request=request_id, code=code.name, error=message)
