@@ -168,11 +168,13 @@ class Site(asyncio.DatagramProtocol):
                 raise co.CoordinationError("own", "a message with our own name (name clash?)")
             self._guard.check(sender, envelope, int(time.time() * 1000))
         except co.CoordinationError as error:
-            self.dropped[error.reason] += 1
-            log.warning(
-                "site_message_dropped", source=f"{addr[0]}:{addr[1]}", reason=error.reason,
-                error=str(error), dropped=self.dropped[error.reason],
-            )
+            count = self.dropped[error.reason] = self.dropped[error.reason] + 1
+            if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th...: a bad peer cannot flood the log
+                log.warning(
+                    "site_message_dropped", source=f"{addr[0]}:{addr[1]}", reason=error.reason,
+                    error=str(error), dropped=count,
+                    hint="a server with another site key or version, or forged traffic",
+                )
             return
         self.received += 1
         now = time.monotonic()
