@@ -43,9 +43,9 @@ from pvs_target.address import parse_address
 from pvs_target.attach import add_commands
 from pvs_target.client import ClientError, Session, login, read_range
 from pvs_target.loop import loop_name, run
+from pvs_target.units import parse_size
 
 EXIT_OK, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         help="requests in flight (the server may allow fewer; default %(default)s)",
     )
     read.add_argument(
-        "--chunk", type=_size, default=1 << 20, metavar="SIZE",
+        "--chunk", type=parse_size, default=1 << 20, metavar="SIZE",
         help="bytes per request, e.g. 256K or 1M (the server may cap it; default 1M)",
     )
     read.add_argument(
@@ -299,14 +299,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
-
-
-def _size(text: str) -> int:
-    """``4096``, ``256K``, ``1M``, ``1MiB`` (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if match is None or int(match[1]) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 256K or 1M")
-    return int(match[1]) * _UNITS[match[2].lower()]
 
 
 def _error(message: str) -> int:

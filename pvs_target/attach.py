@@ -17,6 +17,7 @@ from pvs_target.control import DEFAULT_PATH, ControlServer, query
 from pvs_target.failover import FailoverSettings, VDiskStream
 from pvs_target.login import LoginError
 from pvs_target.loop import run
+from pvs_target.units import parse_size
 
 log = structlog.get_logger("pvs_target")
 
@@ -46,9 +47,9 @@ def add_commands(commands: Any, address: Any, default_device: str) -> None:
     attach.add_argument("--no-checksum", action="store_true")
     attach.add_argument("--cache", choices=["ram", "ram+overflow", "file"], default="ram+overflow",
                         help="write cache for Standard Image vDisks (default %(default)s)")
-    attach.add_argument("--cache-size", type=_size, default=4 << 30, metavar="SIZE",
+    attach.add_argument("--cache-size", type=parse_size, default=4 << 30, metavar="SIZE",
                         help="write cache limit; full means ENOSPC (default 4G)")
-    attach.add_argument("--cache-ram", type=_size, default=256 << 20, metavar="SIZE",
+    attach.add_argument("--cache-ram", type=parse_size, default=256 << 20, metavar="SIZE",
                         help="RAM part of a ram+overflow cache (default 256M)")
     attach.add_argument("--cache-dir", default="", metavar="DIR",
                         help="directory of the cache file (default: the temp directory)")
@@ -58,16 +59,6 @@ def add_commands(commands: Any, address: Any, default_device: str) -> None:
     status.add_argument("--control", default=DEFAULT_PATH, metavar="PATH")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=status_command)
-
-
-def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 4G") from None
 
 
 def attach_command(args: argparse.Namespace) -> int:

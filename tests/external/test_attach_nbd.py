@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import secrets
 import select
 import shutil
 import signal
@@ -36,7 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 from harness import PYTHON, Pvsd, image_path, make_vdisk, random_bytes
-from sites import Site, keygen, pvsctl
+from sites import Site, keygen, private_site, pvsctl
 
 pytestmark = pytest.mark.external
 
@@ -482,40 +481,11 @@ def _drain(
 # -- Private Image on a shared store ---------------------------------------------------------
 
 
-@contextlib.contextmanager
-def private_site(workdir: Path, size: int = 8 * MIB) -> Iterator[tuple[Path, list[Pvsd]]]:
-    """Two servers over one shared store holding Private Image vDisk ``priv``."""
-    shared = workdir / "shared"
-    make_vdisk(shared, "priv", size, seed=3)
-    pvsctl("vdisk", "set", "priv", "--store", str(shared), "--mode", "private")
-    key = workdir / "site.key"
-    key.write_text(secrets.token_hex(32))
-    config = workdir / "pvsd.toml"
-    config.write_text(PVSD_CONFIG)
-    servers = [Pvsd(f"p{i}", [], workdir) for i in (1, 2)]
-    for server in servers:
-        other = next(s for s in servers if s is not server)
-        server.args = ["--config", str(config), "--shared-store", str(shared), "--key-file",
-                       str(key),
-                       "--peer", other.address, "--peer-timeout", "1.5", "--admin", "off"]
-    try:
-        for server in servers:
-            server.start(vdisks=["priv"])
-        for server in servers:
-            other = next(s for s in servers if s is not server)
-            server.wait_for_log("peer_inventory", peer=other.name)
-        yield shared, servers
-    finally:
-        for server in servers:
-            try:
-                server.stop()
-            finally:
-                server.kill()
 
 
 def test_private_image_writes_reach_the_image_on_flush(tmp_path: Path) -> None:
     need("qemu-io", "nbdinfo")
-    with private_site(tmp_path) as (shared, servers), attached(
+    with private_site(tmp_path, size=8 * MIB, config=PVSD_CONFIG) as (shared, servers), attached(
         [s.address for s in servers], vdisk="priv", device="writer-a"
     ) as target:
         original = random_bytes(8 * MIB, 3)
@@ -539,7 +509,7 @@ def test_private_image_writes_reach_the_image_on_flush(tmp_path: Path) -> None:
 
 def test_private_image_writer_fails_over_with_its_writes(tmp_path: Path) -> None:
     need("qemu-io")
-    with private_site(tmp_path) as (shared, servers), attached(
+    with private_site(tmp_path, size=8 * MIB, config=PVSD_CONFIG) as (shared, servers), attached(
         [s.address for s in servers], vdisk="priv", device="writer-a"
     ) as target:
         qemu_io(target.uri, "write -P 0x5a 1M 64k", "flush")
@@ -567,7 +537,7 @@ def test_private_image_writer_fails_over_with_its_writes(tmp_path: Path) -> None
 
 
 def test_second_attach_of_a_private_image_is_refused(tmp_path: Path) -> None:
-    with private_site(tmp_path) as (_, servers), attached(
+    with private_site(tmp_path, size=8 * MIB, config=PVSD_CONFIG) as (_, servers), attached(
         [s.address for s in servers], vdisk="priv", device="writer-a"
     ):
         control = Path(tempfile.mkdtemp(prefix="pvs-second-", dir="/tmp"))

@@ -117,3 +117,38 @@ async def until(predicate: Callable[[], object], timeout: float, what: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def private_site(
+    workdir: Path, *, size: int = 4 * MIB, config: str = ""
+) -> Iterator[tuple[Path, list[Pvsd]]]:
+    """Two servers over one shared store holding Private Image vDisk ``priv``; ``config``
+    is extra pvsd TOML (e.g. a shorter inventory interval)."""
+    shared = workdir / "shared"
+    make_vdisk(shared, "priv", size, seed=3)
+    pvsctl("vdisk", "set", "priv", "--store", str(shared), "--mode", "private")
+    key = workdir / "site.key"
+    key.write_text(keygen())
+    options: list[str] = []
+    if config:
+        (workdir / "pvsd.toml").write_text(config)
+        options = ["--config", str(workdir / "pvsd.toml")]
+    servers = [Pvsd(f"p{i}", [], workdir) for i in (1, 2)]
+    for server in servers:
+        other = next(s for s in servers if s is not server)
+        server.args = [*options, "--shared-store", str(shared), "--key-file", str(key),
+                       "--peer", other.address, "--peer-timeout", "1.5", "--admin", "off"]
+    try:
+        for server in servers:
+            server.start(vdisks=["priv"])
+        for server in servers:
+            other = next(s for s in servers if s is not server)
+            server.wait_for_log("peer_inventory", peer=other.name)
+        yield shared, servers
+    finally:
+        for server in servers:
+            try:
+                server.stop()
+            finally:
+                server.kill()

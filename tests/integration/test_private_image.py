@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import PYTHON, Pvsd, image_path, make_vdisk, random_bytes
+from harness import Pvsd, image_path, random_bytes
+from sites import private_site
 
 from pvs_protocol.errors import ErrorCode
 from pvs_target.login import LoginError, login
@@ -17,35 +16,10 @@ from pvs_target.login import LoginError, login
 MIB = 1 << 20
 
 
-def _pvsctl(*args: str) -> None:
-    subprocess.run([PYTHON, "-m", "pvsd.ctl", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def shared_site(tmp_path: Path) -> Iterator[tuple[Path, list[Pvsd]]]:
-    shared = tmp_path / "shared"
-    make_vdisk(shared, "priv", 4 * MIB, seed=3)
-    _pvsctl("vdisk", "set", "priv", "--store", str(shared), "--mode", "private")
-    key = tmp_path / "site.key"
-    key.write_text(secrets.token_hex(32))
-    servers = [Pvsd(f"s{i}", [], tmp_path) for i in (1, 2)]
-    for server in servers:
-        other = next(s for s in servers if s is not server)
-        server.args = ["--shared-store", str(shared), "--key-file", str(key),
-                       "--peer", other.address, "--peer-timeout", "1.5", "--admin", "off"]
-    try:
-        for server in servers:
-            server.start(vdisks=["priv"])
-        for server in servers:
-            other = next(s for s in servers if s is not server)
-            server.wait_for_log("peer_inventory", peer=other.name)
-        yield shared, servers
-    finally:
-        for server in servers:
-            try:
-                server.stop()
-            finally:
-                server.kill()
+    with private_site(tmp_path) as site:
+        yield site
 
 
 async def test_one_writer_at_a_time_across_the_site(
