@@ -33,6 +33,7 @@ from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode
 from pvsd import locks
+from pvsd.config import format_address
 from pvsd.names import InvalidName, validate_name
 
 if TYPE_CHECKING:
@@ -425,8 +426,7 @@ class Session(asyncio.Protocol):
 
 def _address(name: object) -> str:
     if isinstance(name, tuple) and len(name) >= 2:
-        host, port = str(name[0]), int(name[1])
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(str(name[0]), int(name[1]))
     return str(name)
 
 
