@@ -50,6 +50,9 @@ _SENDABLE: dict[tuple[Role, Phase], tuple[type, ...]] = {
 _CLIENT_FRAMES = frozenset(t for t in wire.FrameType if t < 0x80)
 _BLOCK_FRAMES = frozenset({wire.FrameType.READ_DATA, wire.FrameType.WRITE})
 _MODE_CODES = frozenset(mode.code for mode in Mode)
+DIRECT_MIN = 64 * 1024
+"""Block frames at least this long get a data buffer of their own (``receive_buffer``); for
+smaller ones a copy out of the shared receive buffer costs less than a system call more."""
 _REQUESTS = (ev.Read, ev.Write, ev.Flush)
 _REPLIES = (ev.ReadData, ev.Done, ev.Error)
 
@@ -84,6 +87,10 @@ class Connection:
         self.max_in_flight = 0
         self.checksum = ev.Checksum.NONE
         self._buffer = bytearray()
+        self._block: tuple[wire.FrameType, int, int, bytes] | None = None
+        """The frame (kind, flags, id, prefix) whose data is being received into ``_data``."""
+        self._data = bytearray()
+        self._filled = 0
         self.broken = False
         """The peer broke the protocol: only GOODBYE may still be sent."""
         self._login_redirected = False
@@ -99,8 +106,36 @@ class Connection:
     # -- receiving --------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.broken and self.phase is not Phase.CLOSED:  # else nothing will read it
+        if self.broken or self.phase is Phase.CLOSED:  # nothing will read it
+            return
+        if self._block is not None:  # the block data being gathered comes first
+            room = len(self._data) - self._filled
+            if room:
+                taken = min(room, len(data))
+                self._data[self._filled : self._filled + taken] = data[:taken]
+                self._filled += taken
+                data = data[taken:]
+        if data:
             self._buffer += data
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where to receive the next bytes straight into, or None (then use ``receive_data``).
+        Meaningful once ``next_event`` has returned NEED_DATA.
+
+        While the data of a large READ_DATA or WRITE is arriving, this is the rest of the
+        buffer that will become the event's ``data``: an I/O layer that receives into it
+        (``recv_into``, ``BufferedProtocol``) never copies block data in user space. Call
+        ``received(n)`` after writing ``n`` bytes into it.
+        """
+        if self._block is None or self._filled == len(self._data):
+            return None
+        return memoryview(self._data)[self._filled :]
+
+    def received(self, count: int) -> None:
+        """``count`` bytes were written into the buffer ``receive_buffer`` returned."""
+        if self._block is None or not 0 <= count <= len(self._data) - self._filled:
+            raise ValueError(f"received({count}) outside the buffer receive_buffer gave")
+        self._filled += count
 
     def next_event(self) -> ev.Event | ev.NeedData:
         """Decode the next whole frame, or return NEED_DATA.
@@ -118,6 +153,8 @@ class Connection:
             raise
 
     def _next_event(self) -> ev.Event | ev.NeedData:
+        if self._block is not None:
+            return self._finish_block()
         if len(self._buffer) < wire.HEADER_SIZE:
             return ev.NEED_DATA
         magic, type_code, flags, length, request_id = wire.HEADER.unpack_from(self._buffer)
@@ -142,11 +179,38 @@ class Connection:
             )
         end = wire.HEADER_SIZE + length
         if len(self._buffer) < end:
+            if kind in _BLOCK_FRAMES and length >= DIRECT_MIN and self.phase is Phase.STREAMING:
+                self._start_block(kind, flags, request_id, length)
             return ev.NEED_DATA
         # Decode straight from the receive buffer: block data is copied once, by the decoder.
         with memoryview(self._buffer) as view, view[wire.HEADER_SIZE : end] as payload:
             event = wire.decode(kind, flags, request_id, payload, self.checksum)
         del self._buffer[:end]
+        self._check_received(event)
+        return event
+
+    def _start_block(self, kind: wire.FrameType, flags: int, request_id: int, length: int) -> None:
+        """Gather a large block frame's data in a buffer of its own, which becomes the event's
+        data: it is copied once here at most (the part already received), or never when the
+        I/O layer receives into ``receive_buffer``."""
+        start = wire.HEADER_SIZE + wire.BLOCK_PREFIX[kind]
+        if len(self._buffer) < start:
+            return  # wait for the prefix
+        prefix = bytes(self._buffer[wire.HEADER_SIZE : start])
+        self._data = bytearray(length - len(prefix))
+        have = len(self._buffer) - start
+        self._data[:have] = memoryview(self._buffer)[start:]
+        self._buffer.clear()
+        self._filled = have
+        self._block = (kind, flags, request_id, prefix)
+
+    def _finish_block(self) -> ev.Event | ev.NeedData:
+        assert self._block is not None
+        if self._filled < len(self._data):
+            return ev.NEED_DATA
+        kind, flags, request_id, prefix = self._block
+        data, self._data, self._block = self._data, bytearray(), None
+        event = wire.decode_block(kind, flags, request_id, prefix, data, self.checksum)
         self._check_received(event)
         return event
 

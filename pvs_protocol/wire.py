@@ -265,19 +265,35 @@ def _read(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event
     return ev.Read(request_id, offset, length)
 
 
-def _read_data(r: _Reader, request_id: int, _flags: int, kind: ev.Checksum) -> ev.Event:
-    (expected,) = r.unpack(_U32)
-    data = r.rest()
-    if kind is not ev.Checksum.NONE and checksum(kind, data) != expected:
+def _read_data(r: _Reader, request_id: int, flags: int, kind: ev.Checksum) -> ev.Event:
+    prefix = r.take(4)
+    return decode_block(FrameType.READ_DATA, flags, request_id, prefix, r.rest(), kind)
+
+
+def _write(r: _Reader, request_id: int, flags: int, kind: ev.Checksum) -> ev.Event:
+    prefix = r.take(8)
+    return decode_block(FrameType.WRITE, flags, request_id, prefix, r.rest(), kind)
+
+
+BLOCK_PREFIX = {FrameType.READ_DATA: 4, FrameType.WRITE: 8}
+"""Bytes before the block data in a READ_DATA (its CRC-32) or WRITE (its offset) payload."""
+
+
+def decode_block(
+    kind: FrameType, _flags: int, request_id: int, prefix: bytes, data: bytes | bytearray,
+    checksum_kind: ev.Checksum,
+) -> ev.ReadData | ev.Write:
+    """A READ_DATA or WRITE from its fixed prefix and its data, which the event keeps as is:
+    a receiver may have put the data straight into its own buffer, and it is not copied."""
+    if kind is FrameType.WRITE:
+        (offset,) = _OFFSET.unpack(prefix)
+        return ev.Write(request_id, offset, data)
+    (expected,) = _U32.unpack(prefix)
+    if checksum_kind is not ev.Checksum.NONE and checksum(checksum_kind, data) != expected:
         raise RemoteProtocolError(
             ErrorCode.CHECKSUM, f"READ_DATA {request_id}: checksum mismatch, data corrupted"
         )
     return ev.ReadData(request_id, data)
-
-
-def _write(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
-    (offset,) = r.unpack(_OFFSET)
-    return ev.Write(request_id, offset, r.rest())
 
 
 def _error(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event:

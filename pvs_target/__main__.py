@@ -182,14 +182,14 @@ class _Consumer:
         self._queued: deque[asyncio.Future[None]] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="pvs-target-digest")
 
-    async def __call__(self, offset: int, data: bytes) -> None:
+    async def __call__(self, offset: int, data: bytes | bytearray) -> None:
         loop = asyncio.get_running_loop()
         self._queued.append(loop.run_in_executor(self._worker, self._consume, data))
         self._progress.update(self._task, advance=len(data))
         while len(self._queued) > self._backlog:
             await self._queued.popleft()
 
-    def _consume(self, data: bytes) -> None:
+    def _consume(self, data: bytes | bytearray) -> None:
         self.sha256.update(data)
         if self._output is not None:
             self._output.write(data)

@@ -26,7 +26,7 @@ from pvs_target.connection import (
 )
 from pvs_target.login import LoginError, Session, login
 
-Sink = Callable[[int, bytes], Awaitable[None] | None]
+Sink = Callable[[int, bytes | bytearray], Awaitable[None] | None]
 """Receives ``(offset, data)`` in offset order; may be a coroutine function (backpressure)."""
 
 
@@ -51,11 +51,11 @@ async def read_range(
         raise ValueError("chunk and depth must be positive")
     if offset < 0 or length < 0:
         raise ValueError("offset and length must not be negative")
-    parts: list[bytes] = []
+    parts: list[bytes | bytearray] = []
     deliver = sink or (lambda _at, data: parts.append(data))
     end = offset + length
     next_offset = offset
-    queue: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+    queue: deque[tuple[int, asyncio.Task[bytes | bytearray]]] = deque()
     try:
         while queue or next_offset < end:
             while next_offset < end and len(queue) < depth:

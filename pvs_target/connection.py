@@ -36,6 +36,7 @@ RECEIVE_CHUNK = 256 * 1024
 SOCKET_RECEIVE_BUFFER = 4 * 1024 * 1024
 """SO_RCVBUF, set before connecting so the window scale fits; enough for 32 x 128 KiB."""
 _MAX_REQUEST_ID = (1 << 64) - 1
+_PEEK = wire.HEADER_SIZE + max(wire.BLOCK_PREFIX.values())
 
 Reply = bytes | bytearray | memoryview | None
 
@@ -160,6 +161,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._protocol = Connection(Role.CLIENT)
         self._chunk = memoryview(bytearray(receive_chunk))
+        self._direct = False
+        self._peek = False
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[ev.Event] | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
@@ -252,12 +255,14 @@ class StreamConnection(asyncio.BufferedProtocol):
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Read ``length`` bytes at ``offset``; ``length`` at most ``max_request``."""
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Read ``length`` bytes at ``offset``; ``length`` at most ``max_request``. The buffer
+        is the caller's: nothing else holds it."""
         self._check_request(offset, length)
         data = await self._request(lambda request_id: ev.Read(request_id, offset, length))
-        assert data is not None  # the state machine checked it is READ_DATA of that length
-        return data if isinstance(data, bytes) else bytes(data)
+        # The state machine checked it is READ_DATA of that length; the decoder made it.
+        assert isinstance(data, bytes | bytearray)
+        return data
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (a Standard Image server refuses with READ_ONLY)."""
@@ -409,11 +414,24 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._made.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        direct = self._protocol.receive_buffer()
+        self._direct = direct is not None
+        if direct is not None:  # block data: straight into the buffer the reply will carry
+            self._peek = True
+            return direct
+        if self._peek:
+            # After a large reply, another one most likely follows: take only its header and
+            # prefix here, so its data is received in place rather than through this chunk.
+            self._peek = False
+            return self._chunk[:_PEEK]
         return self._chunk
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = self._loop.time()
-        self._protocol.receive_data(self._chunk[:nbytes])
+        if self._direct:
+            self._protocol.received(nbytes)
+        else:
+            self._protocol.receive_data(self._chunk[:nbytes])
         try:
             while self._failure is None:
                 event = self._protocol.next_event()

@@ -173,7 +173,7 @@ class VDiskStream:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Read any range; long ones are split into requests the server accepts, in parallel."""
         step = self.max_request
         if length <= step:

@@ -14,6 +14,7 @@ from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
 from pvsd import balance, locks
+from pvsd.buffers import BufferPool
 from pvsd.config import Config, format_address
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry
@@ -32,6 +33,7 @@ class StreamServer:
     def __init__(self, config: Config, catalog: Catalog) -> None:
         self.config = config
         self.catalog = catalog
+        self.buffers = BufferPool()
         self.state = StreamState.STOPPED
         self.sessions: set[Session] = set()
         self.address = config.listen

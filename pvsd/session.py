@@ -44,9 +44,9 @@ log = structlog.get_logger("pvsd.session")
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _BATCH_BYTES = 256 * 1024
-_SPARE_MAX = 16 * 1024
-"""Small reads are where allocation shows; big buffers are not kept, so that an idle session
-stays small."""
+_LENT_MAX = 64
+"""Read buffers a session remembers while its transport still holds replies; beyond that
+they are left to the GC rather than pooled."""
 _preadv = aiofiles.os.wrap(os.preadv)
 _pwrite = aiofiles.os.wrap(os.pwrite)
 _fdatasync = aiofiles.os.wrap(os.fdatasync)
@@ -75,14 +75,12 @@ class Session(asyncio.Protocol):
         self.identity: ReplicaIdentity | None = None
         self.image: ImageFile | None = None
         self._stat_at_login: tuple[int, int, int] = (0, 0, 0)
-        self._spare: list[bytearray] = []
         self._lent: list[bytearray] = []
+        """Pooled read buffers sent in replies; back to the pool once the transport has
+        handed everything to the kernel (uvloop keeps a reference, not a copy, until then)."""
         self._batch: list[bytes | bytearray | memoryview] | None = None
         self._batched = 0
         self._unchanged = False
-        """Read buffers the transport no longer holds: saves allocating (and zeroing) one per
-        READ. Only taken back when the reply went to the kernel whole."""
-        """Held for the whole session, so a replaced image's descriptor cannot be reused."""
         self.write_fd: int | None = None
         """Open only for the one writer of a Private Image vDisk."""
         self._timer: asyncio.TimerHandle | None = None
@@ -194,9 +192,11 @@ class Session(asyncio.Protocol):
         if not batch or transport is None or transport.is_closing():
             return
         transport.writelines(batch)
-        lent, self._lent = self._lent, []
-        if lent and not transport.get_write_buffer_size():  # the kernel has it all
-            self._spare = (self._spare + lent)[-2:]
+        if self._lent and not transport.get_write_buffer_size():  # the kernel has it all
+            self.server.buffers.give(self._lent)
+            self._lent = []
+        elif len(self._lent) > _LENT_MAX:
+            del self._lent[: len(self._lent) - _LENT_MAX]
 
     def close(self, code: int = 0, message: str = "") -> None:
         """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
@@ -334,8 +334,7 @@ class Session(asyncio.Protocol):
         image = self._check_range(read.request_id, read.offset, read.length)
         if image is None:
             return
-        spare = self._spare
-        buffer = spare.pop() if spare and len(spare[-1]) == read.length else bytearray(read.length)
+        buffer = self.server.buffers.take(read.length)
         try:
             got = os.preadv(image.fd, [buffer], read.offset, _NOWAIT)
         except BlockingIOError:
@@ -346,8 +345,8 @@ class Session(asyncio.Protocol):
         if got == read.length:
             self.bytes_read += got
             self.send(ev.ReadData(read.request_id, buffer))
-            if read.length <= _SPARE_MAX and self._batch is not None:
-                self._lent.append(buffer)  # may serve a later read once it has been written
+            if self._batch is not None:  # written by _write_batch, which gives it back
+                self._lent.append(buffer)
         else:
             self._offload(read.request_id, "read", _read_rest(image, buffer, read, got))
 
