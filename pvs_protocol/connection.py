@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
@@ -80,8 +81,13 @@ def negotiate(
 class Connection:
     """Bytes in, events out, for one side of one connection."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(
+        self, role: Role, *, allocate: Callable[[int], bytearray] = bytearray
+    ) -> None:
+        """``allocate(size)`` makes the buffers large block data is received into (a pool's
+        ``take``: their old contents are overwritten before anyone sees them)."""
         self.role = role
+        self._allocate = allocate
         self.phase = Phase.HELLO
         self.max_request = 0
         self.max_in_flight = 0
@@ -197,7 +203,7 @@ class Connection:
         if len(self._buffer) < start:
             return  # wait for the prefix
         prefix = bytes(self._buffer[wire.HEADER_SIZE : start])
-        self._data = bytearray(length - len(prefix))
+        self._data = self._allocate(length - len(prefix))
         have = len(self._buffer) - start
         self._data[:have] = memoryview(self._buffer)[start:]
         self._buffer.clear()

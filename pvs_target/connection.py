@@ -26,6 +26,7 @@ from structlog.typing import FilteringBoundLogger
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
+from pvs_protocol.buffers import BufferPool
 from pvs_protocol.connection import Connection, Phase, Role
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_target.address import Address, parse_address
@@ -36,6 +37,9 @@ RECEIVE_CHUNK = 256 * 1024
 SOCKET_RECEIVE_BUFFER = 4 * 1024 * 1024
 """SO_RCVBUF, set before connecting so the window scale fits; enough for 32 x 128 KiB."""
 _MAX_REQUEST_ID = (1 << 64) - 1
+BUFFERS = BufferPool()
+"""The block buffers of this process's connections: a reply's data is received into one,
+and whoever is done with it (the NBD export, once the reply is written) gives it back."""
 _PEEK = wire.HEADER_SIZE + max(wire.BLOCK_PREFIX.values())
 
 Reply = bytes | bytearray | memoryview | None
@@ -159,7 +163,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         """The address we connected to, ``HOST:PORT``."""
         self._log: FilteringBoundLogger = (log or structlog.get_logger()).bind(server=server)
         self._loop = asyncio.get_running_loop()
-        self._protocol = Connection(Role.CLIENT)
+        self._protocol = Connection(Role.CLIENT, allocate=BUFFERS.take)
         self._chunk = memoryview(bytearray(receive_chunk))
         self._direct = False
         self._peek = False

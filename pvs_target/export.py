@@ -15,6 +15,7 @@ from typing import Literal
 import structlog
 
 from pvs_target.cache import CacheFull, WriteCache
+from pvs_target.connection import BUFFERS
 from pvs_target.failover import VDiskStream
 from pvs_target.nbd.server import BackendError, NbdServer, serve_nbd
 
@@ -52,6 +53,10 @@ class StreamBackend:
         if self.cache is not None:
             return await self.cache.read(offset, length, self.stream.read)
         return await self.stream.read(offset, length)
+
+    def release(self, buffers: list[object]) -> None:
+        """The export has written these (what ``read`` returned) to its clients."""
+        BUFFERS.give(buffers)
 
     async def write(self, offset: int, data: Data, fua: bool) -> None:
         if self.cache is not None:

@@ -10,11 +10,11 @@ import structlog
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
+from pvs_protocol.buffers import BufferPool
 from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
 from pvsd import balance, locks
-from pvsd.buffers import BufferPool
 from pvsd.config import Config, format_address
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry

@@ -28,6 +28,7 @@ import aiofiles.os
 import structlog
 
 from pvs_protocol import events as ev
+from pvs_protocol.buffers import Lent
 from pvs_protocol.connection import Connection, Phase, Role, negotiate
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.identity import ReplicaIdentity
@@ -44,9 +45,6 @@ log = structlog.get_logger("pvsd.session")
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _BATCH_BYTES = 256 * 1024
-_LENT_MAX = 64
-"""Read buffers a session remembers while its transport still holds replies; beyond that
-they are left to the GC rather than pooled."""
 _preadv = aiofiles.os.wrap(os.preadv)
 _pwrite = aiofiles.os.wrap(os.pwrite)
 _fdatasync = aiofiles.os.wrap(os.fdatasync)
@@ -75,9 +73,8 @@ class Session(asyncio.Protocol):
         self.identity: ReplicaIdentity | None = None
         self.image: ImageFile | None = None
         self._stat_at_login: tuple[int, int, int] = (0, 0, 0)
-        self._lent: list[bytearray] = []
-        """Pooled read buffers sent in replies; back to the pool once the transport has
-        handed everything to the kernel (uvloop keeps a reference, not a copy, until then)."""
+        self._lent: Lent | None = None
+        """Pooled read buffers in replies, back to the pool once the transport is done."""
         self._batch: list[bytes | bytearray | memoryview] | None = None
         self._batched = 0
         self._unchanged = False
@@ -100,6 +97,7 @@ class Session(asyncio.Protocol):
         self.local_address = _address(transport.get_extra_info("sockname"))
         self._log = log.bind(peer=self.peer)
         self.transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
+        self._lent = Lent(self.server.buffers.give, self.transport, asyncio.get_running_loop())
         self.server.register(self)
         self._arm_timer(self.server.config.handshake_timeout)
 
@@ -192,11 +190,6 @@ class Session(asyncio.Protocol):
         if not batch or transport is None or transport.is_closing():
             return
         transport.writelines(batch)
-        if self._lent and not transport.get_write_buffer_size():  # the kernel has it all
-            self.server.buffers.give(self._lent)
-            self._lent = []
-        elif len(self._lent) > _LENT_MAX:
-            del self._lent[: len(self._lent) - _LENT_MAX]
 
     def close(self, code: int = 0, message: str = "") -> None:
         """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
@@ -345,8 +338,8 @@ class Session(asyncio.Protocol):
         if got == read.length:
             self.bytes_read += got
             self.send(ev.ReadData(read.request_id, buffer))
-            if self._batch is not None:  # written by _write_batch, which gives it back
-                self._lent.append(buffer)
+            if self._lent is not None:
+                self._lent.written(buffer)
         else:
             self._offload(read.request_id, "read", _read_rest(image, buffer, read, got))
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol, cast
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from pvs_protocol.buffers import Lent
 from pvs_target.address import format_address, parse_address
 from pvs_target.nbd import wire
 from pvs_target.nbd.events import (
@@ -75,6 +76,10 @@ class Backend(Protocol):
     async def flush(self) -> None: ...
     async def trim(self, offset: int, length: int) -> None: ...
     async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None: ...
+
+    # Optional: ``release(buffers)``, called with buffers ``read`` returned (``PoolBuffer``s
+    # only) once the replies carrying them have been handed to the kernel whole, so the
+    # backend may reuse them.
 
 
 class BackendError(OSError):
@@ -220,6 +225,8 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight_bytes = 0
+        self._lent: Lent | None = None
+        """Read data in replies, given back to the backend once the transport is done."""
         self._write_paused = False
         self._reading_paused = False
         self._ending = False
@@ -235,6 +242,9 @@ class _ExportConnection(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         self._transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+        release = getattr(self._backend, "release", None)
+        if release is not None:
+            self._lent = Lent(release, self._transport, asyncio.get_running_loop())
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ANCHORS.md
@@ -414,6 +424,8 @@ class _ExportConnection(asyncio.BufferedProtocol):
             if len(data) != command.length:
                 raise BackendError(errno.EIO, f"backend returned {len(data)} bytes of "
                                    f"{command.length}", offset=command.offset)
+            if self._lent is not None:
+                self._lent.written(data)
             return protocol.reply_read(command.handle, command.offset, data)
         fua = bool(command.flags & CommandFlag.FUA)
         if kind is CommandKind.WRITE:
