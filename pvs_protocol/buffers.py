@@ -10,9 +10,11 @@ to the kernel. A pool belongs to a process, not to a session, so an idle session
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+Buffer = bytes | bytearray | memoryview
 DEFAULT_LIMIT = 16 * 1024 * 1024
 MIN_SIZE = 64 * 1024
 """Smaller buffers come from malloc cheaply enough; pooling them would cost more than it saves."""
@@ -62,14 +64,15 @@ class _Transport(Protocol):
 
 
 class Lent:
-    """Pool buffers written to one transport, given back (``give``, a pool's or a backend's)
-    once the transport holds none of its data.
+    """Pool buffers written to one transport, given back (``give``: a pool's or a backend's)
+    as soon as the transport has handed them to the kernel.
 
-    uvloop queues a write until the end of the loop turn and keeps a reference (not a copy)
-    to what it could not send, so a buffer is free only when the transport's write buffer is
-    empty: that is looked at on the next loop turn after a write, and on every later write.
-    At most ``limit`` bytes of them are remembered; older ones are left to the GC, so a peer
-    that stops reading costs no more memory than without the pool.
+    A transport writes in order and ``get_write_buffer_size`` says how much it still holds,
+    so with every byte written counted here, a buffer whose last byte lies before that tail
+    is free: uvloop keeps a reference to what it could not send at once, not a copy. This is
+    looked at on the loop turn after a write (uvloop writes at the end of a turn), and every
+    10 ms while buffers remain. At most ``limit`` bytes are remembered; older ones are left
+    to the GC, so a peer that stops reading costs no more memory than without a pool.
     """
 
     def __init__(
@@ -80,24 +83,43 @@ class Lent:
         self._transport = transport
         self._loop = loop
         self._limit = limit
-        self._held: list[PoolBuffer] = []
+        self._total = 0
+        self._held: collections.deque[tuple[int, PoolBuffer]] = collections.deque()
         self._bytes = 0
         self._check_due = False
 
-    def written(self, buffer: object) -> None:
-        """``buffer`` (a ``PoolBuffer`` or anything else, then ignored) was just written."""
-        if type(buffer) is not PoolBuffer:
+    @property
+    def holding(self) -> int:
+        """Bytes of pool buffers remembered until the transport has sent them."""
+        return self._bytes
+
+    def wrote(self, buffers: Iterable[Buffer]) -> None:
+        """Count what was just written to the transport (every write, in order)."""
+        for buffer in buffers:
+            size = len(buffer)
+            self._total += size
+            if type(buffer) is PoolBuffer:
+                self._held.append((self._total, buffer))
+                self._bytes += size
+        if not self._held:
             return
-        self._held.append(buffer)
-        self._bytes += len(buffer)
-        while self._bytes > self._limit:  # a peer that does not read: let the GC have them
-            self._bytes -= len(self._held.pop(0))
+        while self._bytes > self._limit:
+            self._bytes -= len(self._held.popleft()[1])
         if not self._check_due:
             self._check_due = True
             self._loop.call_soon(self._check)
 
     def _check(self) -> None:
         self._check_due = False
-        if not self._transport.get_write_buffer_size():  # closing ones may still flush
-            held, self._held, self._bytes = self._held, [], 0
-            self._give(list(held))
+        sent = self._total - self._transport.get_write_buffer_size()
+        held = self._held
+        free: list[object] = []
+        while held and held[0][0] <= sent:
+            buffer = held.popleft()[1]
+            self._bytes -= len(buffer)
+            free.append(buffer)
+        if free:
+            self._give(free)
+        if held:
+            self._check_due = True
+            self._loop.call_later(0.01, self._check)

@@ -174,6 +174,8 @@ class Session(asyncio.Protocol):
             return
         if self._batch is None:
             self.transport.writelines(buffers)
+            if self._lent is not None:
+                self._lent.wrote(buffers)
             return
         self._batch += buffers
         self._batched += sum(len(b) for b in buffers)
@@ -190,6 +192,8 @@ class Session(asyncio.Protocol):
         if not batch or transport is None or transport.is_closing():
             return
         transport.writelines(batch)
+        if self._lent is not None:
+            self._lent.wrote(batch)
 
     def close(self, code: int = 0, message: str = "") -> None:
         """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
@@ -338,8 +342,6 @@ class Session(asyncio.Protocol):
         if got == read.length:
             self.bytes_read += got
             self.send(ev.ReadData(read.request_id, buffer))
-            if self._lent is not None:
-                self._lent.written(buffer)
         else:
             self._offload(read.request_id, "read", _read_rest(image, buffer, read, got))
 

@@ -424,8 +424,6 @@ class _ExportConnection(asyncio.BufferedProtocol):
             if len(data) != command.length:
                 raise BackendError(errno.EIO, f"backend returned {len(data)} bytes of "
                                    f"{command.length}", offset=command.offset)
-            if self._lent is not None:
-                self._lent.written(data)
             return protocol.reply_read(command.handle, command.offset, data)
         fua = bool(command.flags & CommandFlag.FUA)
         if kind is CommandKind.WRITE:
@@ -455,6 +453,9 @@ class _ExportConnection(asyncio.BufferedProtocol):
             transport.writelines(data)
         else:
             transport.write(data)
+            data = [data]
+        if self._lent is not None:
+            self._lent.wrote(data)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:

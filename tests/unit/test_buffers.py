@@ -43,8 +43,9 @@ def test_pool_keeps_at_most_its_limit() -> None:
 
 
 async def test_written_buffer_returns_only_after_the_transport_sent_it() -> None:
-    """A peer that does not read keeps our buffer in the transport; once it reads, the
-    buffer comes back to the pool, and the peer got exactly the bytes that were written."""
+    """A peer that does not read keeps our buffers in the transport; as it reads, each buffer
+    comes back once its last byte is sent (not before), and the peer gets exactly the bytes
+    that were written."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
@@ -52,22 +53,46 @@ async def test_written_buffer_returns_only_after_the_transport_sent_it() -> None
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
     try:
         lent = Lent(pool.give, transport, loop)
-        payload = pool.take(4 * BIG)
-        payload[:] = bytes(range(256)) * (len(payload) // 256)
-        expected = bytes(payload)
-        transport.write(payload)
-        lent.written(payload)
+        first, second = pool.take(4 * BIG), pool.take(2 * BIG)
+        first[:] = bytes(range(256)) * (len(first) // 256)
+        second[:] = bytes(range(255, -1, -1)) * (len(second) // 256)
+        expected = b"head" + bytes(first) + bytes(second)
+        transport.writelines([b"head", first])
+        lent.wrote([b"head", first])
+        transport.write(second)
+        lent.wrote([second])
         await asyncio.sleep(0.05)
         assert transport.get_write_buffer_size() > 0  # the peer has not read: still held
         assert pool.held == 0
         received = bytearray()
         async with asyncio.timeout(10):
+            while len(received) < 4 + len(first) + BIG:  # all of first, half of second
+                received += await loop.sock_recv(theirs, 64 * 1024)
+            while pool.held != 4 * BIG:
+                await asyncio.sleep(0.005)
+            assert transport.get_write_buffer_size() > 0  # second is not all sent
             while len(received) < len(expected):
                 received += await loop.sock_recv(theirs, 1 << 20)
+            while pool.held != 6 * BIG:
+                await asyncio.sleep(0.005)
         assert received == expected
-        lent.written(pool.take(MIN_SIZE))  # the next write looks again
-        await asyncio.sleep(0.05)
-        assert pool.held == 4 * BIG + MIN_SIZE
     finally:
         transport.close()
+        theirs.close()
+
+
+async def test_a_peer_that_never_reads_holds_no_more_than_the_limit() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    pool = BufferPool()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    try:
+        lent = Lent(pool.give, transport, loop, limit=2 * BIG)
+        for _ in range(8):
+            buffer = pool.take(BIG)
+            transport.write(buffer)
+            lent.wrote([buffer])
+        assert lent.holding <= 2 * BIG
+    finally:
+        transport.abort()
         theirs.close()
