@@ -87,6 +87,7 @@ class Lent:
         self._held: collections.deque[tuple[int, PoolBuffer]] = collections.deque()
         self._bytes = 0
         self._check_due = False
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def holding(self) -> int:
@@ -120,6 +121,9 @@ class Lent:
             free.append(buffer)
         if free:
             self._give(free)
-        if held:
-            self._check_due = True
-            self._loop.call_later(0.01, self._check)
+        if held and self._timer is None:  # in case nothing more is written for a while
+            self._timer = self._loop.call_later(0.01, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._check()

@@ -421,17 +421,18 @@ class StreamConnection(asyncio.BufferedProtocol):
         direct = self._protocol.receive_buffer()
         self._direct = direct is not None
         if direct is not None:  # block data: straight into the buffer the reply will carry
-            self._peek = True
             return direct
         if self._peek:
             # After a large reply, another one most likely follows: take only its header and
             # prefix here, so its data is received in place rather than through this chunk.
-            self._peek = False
             return self._chunk[:_PEEK]
         return self._chunk
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_heard = self._loop.time()
+        # (uvloop may ask for a buffer, find nothing to read and ask again: only what was
+        # actually received moves the peeking on)
+        self._peek = self._direct
         if self._direct:
             self._protocol.received(nbytes)
         else:
