@@ -96,3 +96,17 @@ async def test_a_peer_that_never_reads_holds_no_more_than_the_limit() -> None:
     finally:
         transport.abort()
         theirs.close()
+
+
+def test_a_full_pool_makes_room_for_the_size_now_in_use() -> None:
+    pool = BufferPool(limit=4 * BIG)
+    quarter = BIG // 4
+    old = [pool.take(quarter) for _ in range(16)]
+    pool.give(old)
+    assert pool.held == 4 * BIG
+    big = [pool.take(BIG) for _ in range(4)]  # nothing of this size yet: new ones
+    pool.give(big)
+    assert pool.held == 4 * BIG
+    again = [pool.take(BIG) for _ in range(4)]
+    assert {id(b) for b in again} == {id(b) for b in big}  # all kept, in place of the old size
+    assert pool.held == 0
