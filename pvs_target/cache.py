@@ -125,6 +125,11 @@ class ExtentMap:
                 yield position, piece_end, None
             position = piece_end
 
+    def touches(self, start: int, end: int) -> bool:
+        """Whether any extent (DATA or ZERO) overlaps ``[start, end)``."""
+        index = bisect_right(self._ends, start)
+        return index < len(self._starts) and self._starts[index] < end
+
     def has_data(self, start: int, end: int) -> bool:
         """Whether any DATA extent overlaps ``[start, end)``."""
         index = bisect_right(self._ends, start)
@@ -378,6 +383,11 @@ class WriteCache:
     def trim(self, offset: int, length: int) -> None:
         """Served as ``zero``: after a trim the range reads as zeroes (see the module doc)."""
         self.zero(offset, length)
+
+    def untouched(self, offset: int, length: int) -> bool:
+        """Whether the machine never wrote, zeroed or trimmed any byte of the range: then a
+        read of it is the base's alone."""
+        return not self.extents.touches(offset, offset + length)
 
     async def read(self, offset: int, length: int, base_read: BaseRead) -> Data:
         """``length`` bytes at ``offset``: the overlay where it has them, the base elsewhere.

@@ -13,6 +13,7 @@ own ``close``) every waiter fails with one typed ``ClientError``; nothing is lef
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
@@ -149,6 +150,41 @@ async def _connect_socket(
     raise last_error
 
 
+class _Slots:
+    """The requests the server lets us have in flight: a semaphore that can also be taken
+    without awaiting (``try_take``), for ``read_now``."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as we were cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the first waiter
+                return
+        self.free += 1
+
+
 class StreamConnection(asyncio.BufferedProtocol):
     """The target's side of one connection: handshake, pipelined requests, keepalive."""
 
@@ -171,7 +207,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[ev.Event] | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._pings: dict[int, asyncio.Future[None]] = {}
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: _Slots | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._made = asyncio.Event()
@@ -229,7 +265,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         if not isinstance(reply, ev.HelloReply):  # the state machine allows nothing else
             raise ConnectionLost(f"{self.server} answered HELLO with {type(reply).__name__}")
         self.hello_reply = reply
-        self._slots = asyncio.Semaphore(reply.max_in_flight)
+        self._slots = _Slots(reply.max_in_flight)
         self._log.debug(
             "hello_ok", server_name=reply.server_name, max_request=reply.max_request,
             max_in_flight=reply.max_in_flight, checksum=reply.checksum.name,
@@ -303,26 +339,55 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self.max_request and not 0 < length <= self.max_request:
             raise ValueError(f"request of {length} bytes outside 1..{self.max_request}")
 
+    def read_now(self, offset: int, length: int) -> asyncio.Future[Reply] | None:
+        """Send a READ now and return the future of its data, or None if it would have to
+        wait (no free slot, writing paused, not streaming): then ``read`` is the way. The hot
+        path of the NBD export, without ``read``'s coroutines; the data is a buffer the
+        caller owns, or the future fails with a ``ClientError``."""
+        slots = self._slots
+        if (
+            slots is None
+            or self._failure is not None
+            or self._protocol.phase is not Phase.STREAMING
+            or not self._writable.is_set()
+        ):
+            return None
+        self._check_request(offset, length)
+        if not slots.try_take():
+            return None
+        return self._send_request(lambda request_id: ev.Read(request_id, offset, length))
+
     async def _request(self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]) -> Reply:
         self._check_streaming()
         slots = self._slots
         assert slots is not None  # set by hello(), which streaming requires
-        await slots.acquire()
+        await slots.take()
         # The slot is given back when the reply arrives (in _complete), not when this caller
         # returns: a cancelled caller's request is still in flight at the server.
         try:
             while not self._writable.is_set():
                 await self._writable.wait()
             self._check_streaming()
+        except BaseException:
+            slots.give()
+            raise
+        return await self._send_request(build)
+
+    def _send_request(
+        self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]
+    ) -> asyncio.Future[Reply]:
+        """Send a request for which a slot is taken (and given back on any failure here)."""
+        try:
             request_id = self._next_request_id()
             buffers = self._protocol.send_buffers(build(request_id))
         except BaseException:
-            slots.release()
+            assert self._slots is not None
+            self._slots.give()
             raise
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[request_id] = future
         self._queue(buffers)
-        return await future
+        return future
 
     def _queue(self, buffers: list[bytes | bytearray | memoryview]) -> None:
         """Gather the requests made in one turn of the event loop into one write: at a deep
@@ -395,7 +460,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._pending.clear()
         if self._slots is not None:
             for _ in pending:
-                self._slots.release()  # wakes callers queued for a slot; they see the failure
+                self._slots.give()  # wakes callers queued for a slot; they see the failure
         waiters: list[asyncio.Future[Any]] = [*pending, *self._pings.values()]
         if self._waiter is not None:
             waiters.append(self._waiter)
@@ -510,7 +575,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         if future is None:
             return
         assert self._slots is not None
-        self._slots.release()
+        self._slots.give()
         if future.done():  # its caller was cancelled
             return
         if isinstance(result, ServerError):

@@ -8,9 +8,10 @@ Private Image: writes go through to the server's image and FLUSH makes them dura
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -53,6 +54,13 @@ class StreamBackend:
         if self.cache is not None:
             return await self.cache.read(offset, length, self.stream.read)
         return await self.stream.read(offset, length)
+
+    def read_now(self, offset: int, length: int) -> asyncio.Future[Any] | None:
+        """The fast path of ``read`` (see ``VDiskStream.read_now``), where the write cache
+        has nothing of the range."""
+        if self.cache is not None and not self.cache.untouched(offset, length):
+            return None
+        return self.stream.read_now(offset, length)
 
     def release(self, buffers: list[object]) -> None:
         """The export has written these (what ``read`` returned) to its clients."""

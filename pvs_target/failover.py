@@ -173,6 +173,26 @@ class VDiskStream:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def read_now(
+        self, offset: int, length: int
+    ) -> asyncio.Future[bytes | bytearray | memoryview | None] | None:
+        """One READ sent at once on the current session, or None (no session, too long, no
+        free slot). No retry here: if the future fails, ``read`` does it all again, with
+        failover; so a caller falls back to ``read`` on any failure."""
+        session = self.session
+        if session is None or length > session.max_request or self._gave_up is not None:
+            return None
+        future = session.connection.read_now(offset, length)
+        if future is not None:
+            self.requests += 1
+            future.add_done_callback(self._count_read)
+        return future
+
+    def _count_read(self, future: asyncio.Future[bytes | bytearray | memoryview | None]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            result = future.result()
+            self.bytes_read += len(result) if result is not None else 0
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Read any range; long ones are split into requests the server accepts, in parallel."""
         step = self.max_request

@@ -97,7 +97,10 @@ class Session(asyncio.Protocol):
         self.local_address = _address(transport.get_extra_info("sockname"))
         self._log = log.bind(peer=self.peer)
         self.transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
-        self._lent = Lent(self.server.buffers.give, self.transport, asyncio.get_running_loop())
+        self._lent = Lent(  # the transport may hold up to its high-water mark, and a burst more
+            self.server.buffers.give, self.transport, asyncio.get_running_loop(),
+            limit=8 * self.server.config.max_request,
+        )
         self.server.register(self)
         self._arm_timer(self.server.config.handshake_timeout)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import socket
 import stat
@@ -77,6 +78,9 @@ class Backend(Protocol):
     async def trim(self, offset: int, length: int) -> None: ...
     async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None: ...
 
+    # Optional: ``read_now(offset, length)``, a future of ``read``'s data or None (then
+    # ``read`` is used), for reads that need no coroutine; a failed one is done again by
+    # ``read``, so it need not retry.
     # Optional: ``release(buffers)``, called with buffers ``read`` returned (``PoolBuffer``s
     # only) once the replies carrying them have been handed to the kernel whole, so the
     # backend may reuse them.
@@ -223,7 +227,11 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._protocol = NbdServerConnection(server.export)
         self._chunk = memoryview(bytearray(RECEIVE_CHUNK))
         self._transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        """Requests being served: tasks, and futures of the backend's ``read_now``."""
+        self._read_now: Callable[[int, int], asyncio.Future[Any] | None] | None = getattr(
+            self._backend, "read_now", None
+        )
         self._in_flight_bytes = 0
         self._lent: Lent | None = None
         """Read data in replies, given back to the backend once the transport is done."""
@@ -244,7 +252,10 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         release = getattr(self._backend, "release", None)
         if release is not None:
-            self._lent = Lent(release, self._transport, asyncio.get_running_loop())
+            self._lent = Lent(
+                release, self._transport, asyncio.get_running_loop(),
+                limit=2 * WRITE_BUFFER_HIGH,  # what the transport may hold, and a burst more
+            )
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ANCHORS.md
@@ -380,11 +391,32 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self.requests += 1
         if command.kind is not CommandKind.FLUSH:
             self._in_flight_bytes += command.length
+        if command.kind is CommandKind.READ and self._read_now is not None:
+            future = self._read_now(command.offset, command.length)
+            if future is not None:
+                self._tasks.add(future)
+                future.add_done_callback(functools.partial(self._read_now_done, command))
+                return
+        self._start_task(command)
+
+    def _start_task(self, command: Command) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(command))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._request_done(done, command))
 
-    def _request_done(self, task: asyncio.Task[None], command: Command) -> None:
+    def _read_now_done(self, command: Command, future: asyncio.Future[Any]) -> None:
+        """A READ of the fast path ended: answer it, or on any failure hand it to the
+        careful path (``backend.read``), which retries, fails over and reports errors."""
+        if not future.cancelled() and not self._lost:
+            data = future.result() if future.exception() is None else None
+            if data is None or len(data) != command.length:
+                self._tasks.discard(future)
+                self._start_task(command)
+                return
+            self._send(self._protocol.reply_read(command.handle, command.offset, data))
+        self._request_done(future, command)
+
+    def _request_done(self, task: asyncio.Future[Any], command: Command) -> None:
         self._tasks.discard(task)
         if command.kind is not CommandKind.FLUSH:
             self._in_flight_bytes -= command.length
