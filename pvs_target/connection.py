@@ -44,6 +44,8 @@ and whoever is done with it (the NBD export, once the reply is written) gives it
 _PEEK = wire.HEADER_SIZE + max(wire.BLOCK_PREFIX.values())
 
 Reply = bytes | bytearray | memoryview | None
+Done = Callable[["Reply | ClientError"], None]
+"""Called with a request's answer, or with the error that ended it (see ``read_now``)."""
 
 
 class ClientError(Exception):
@@ -205,7 +207,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._peek = False
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[ev.Event] | None = None
-        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._pending: dict[int, asyncio.Future[Reply] | Done] = {}
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._slots: _Slots | None = None
         self._writable = asyncio.Event()
@@ -339,11 +341,14 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self.max_request and not 0 < length <= self.max_request:
             raise ValueError(f"request of {length} bytes outside 1..{self.max_request}")
 
-    def read_now(self, offset: int, length: int) -> asyncio.Future[Reply] | None:
-        """Send a READ now and return the future of its data, or None if it would have to
-        wait (no free slot, writing paused, not streaming): then ``read`` is the way. The hot
-        path of the NBD export, without ``read``'s coroutines; the data is a buffer the
-        caller owns, or the future fails with a ``ClientError``."""
+    def read_now(self, offset: int, length: int, done: Done) -> bool:
+        """Send a READ now and call ``done`` with its data (a buffer the caller owns) or the
+        ``ClientError`` that ended it, as soon as either arrives; False if it would have to
+        wait (no free slot, writing paused, not streaming): then ``read`` is the way.
+
+        The hot path of the NBD export: no coroutine, no future, and the answer is handled
+        in the same loop turn it arrives in (a future's callbacks run one turn later).
+        The request leaves with the next ``send_queued`` or at the end of this turn."""
         slots = self._slots
         if (
             slots is None
@@ -351,11 +356,12 @@ class StreamConnection(asyncio.BufferedProtocol):
             or self._protocol.phase is not Phase.STREAMING
             or not self._writable.is_set()
         ):
-            return None
+            return False
         self._check_request(offset, length)
         if not slots.try_take():
-            return None
-        return self._send_request(lambda request_id: ev.Read(request_id, offset, length))
+            return False
+        self._send_request(lambda request_id: ev.Read(request_id, offset, length), done)
+        return True
 
     async def _request(self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]) -> Reply:
         self._check_streaming()
@@ -371,12 +377,16 @@ class StreamConnection(asyncio.BufferedProtocol):
         except BaseException:
             slots.give()
             raise
-        return await self._send_request(build)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._send_request(build, future)
+        return await future
 
     def _send_request(
-        self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]
-    ) -> asyncio.Future[Reply]:
-        """Send a request for which a slot is taken (and given back on any failure here)."""
+        self, build: Callable[[int], ev.Read | ev.Write | ev.Flush],
+        waiter: asyncio.Future[Reply] | Done,
+    ) -> None:
+        """Send a request for which a slot is taken (and given back on any failure here); its
+        answer goes to ``waiter``."""
         try:
             request_id = self._next_request_id()
             buffers = self._protocol.send_buffers(build(request_id))
@@ -384,10 +394,15 @@ class StreamConnection(asyncio.BufferedProtocol):
             assert self._slots is not None
             self._slots.give()
             raise
-        future: asyncio.Future[Reply] = self._loop.create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = waiter
         self._queue(buffers)
-        return future
+
+    def send_queued(self) -> None:
+        """Write the requests queued so far now rather than at the end of this loop turn:
+        for a caller that knows its burst of requests is over (the NBD export, after all the
+        commands one receive brought), this saves a loop turn of latency per request."""
+        if self._outbox:
+            self._write_outbox()
 
     def _queue(self, buffers: list[bytes | bytearray | memoryview]) -> None:
         """Gather the requests made in one turn of the event loop into one write: at a deep
@@ -461,7 +476,12 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._slots is not None:
             for _ in pending:
                 self._slots.give()  # wakes callers queued for a slot; they see the failure
-        waiters: list[asyncio.Future[Any]] = [*pending, *self._pings.values()]
+        for waiter in pending:
+            if not isinstance(waiter, asyncio.Future):
+                self._call(waiter, failure)
+        waiters: list[asyncio.Future[Any]] = [
+            *(w for w in pending if isinstance(w, asyncio.Future)), *self._pings.values(),
+        ]
         if self._waiter is not None:
             waiters.append(self._waiter)
         for waiter in waiters:
@@ -576,12 +596,21 @@ class StreamConnection(asyncio.BufferedProtocol):
             return
         assert self._slots is not None
         self._slots.give()
+        if not isinstance(future, asyncio.Future):
+            self._call(future, result)
+            return
         if future.done():  # its caller was cancelled
             return
         if isinstance(result, ServerError):
             future.set_exception(result)
         else:
             future.set_result(result)
+
+    def _call(self, done: Done, result: Reply | ClientError) -> None:
+        try:
+            done(result)
+        except Exception:  # the caller's bug must not break the connection for the others
+            self._log.exception("request_callback_failed")
 
     def _deliver(self, event: ev.Event) -> None:
         if self._waiter is not None and not self._waiter.done():

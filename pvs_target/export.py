@@ -8,15 +8,14 @@ Private Image: writes go through to the server's image and FLUSH makes them dura
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 
 from pvs_target.cache import CacheFull, WriteCache
-from pvs_target.connection import BUFFERS
+from pvs_target.connection import BUFFERS, Done
 from pvs_target.failover import VDiskStream
 from pvs_target.nbd.server import BackendError, NbdServer, serve_nbd
 
@@ -55,12 +54,16 @@ class StreamBackend:
             return await self.cache.read(offset, length, self.stream.read)
         return await self.stream.read(offset, length)
 
-    def read_now(self, offset: int, length: int) -> asyncio.Future[Any] | None:
+    def read_now(self, offset: int, length: int, done: Done) -> bool:
         """The fast path of ``read`` (see ``VDiskStream.read_now``), where the write cache
         has nothing of the range."""
         if self.cache is not None and not self.cache.untouched(offset, length):
-            return None
-        return self.stream.read_now(offset, length)
+            return False
+        return self.stream.read_now(offset, length, done)
+
+    def submitted(self) -> None:
+        """A burst of requests has been handed over: send what ``read_now`` queued."""
+        self.stream.send_queued()
 
     def release(self, buffers: list[object]) -> None:
         """The export has written these (what ``read`` returned) to its clients."""

@@ -31,7 +31,7 @@ from pvs_protocol import events as ev
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode
-from pvs_target.connection import ClientError, ConnectionLost, ServerError
+from pvs_target.connection import ClientError, ConnectionLost, Done, Reply, ServerError
 from pvs_target.login import LoginError, Session, login
 
 T = TypeVar("T")
@@ -173,25 +173,28 @@ class VDiskStream:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def read_now(
-        self, offset: int, length: int
-    ) -> asyncio.Future[bytes | bytearray | memoryview | None] | None:
-        """One READ sent at once on the current session, or None (no session, too long, no
-        free slot). No retry here: if the future fails, ``read`` does it all again, with
-        failover; so a caller falls back to ``read`` on any failure."""
+    def read_now(self, offset: int, length: int, done: Done) -> bool:
+        """One READ sent at once on the current session, its answer to ``done`` (data, or the
+        error that ended it); False when that cannot be (no session, too long, no free slot).
+        No retry here: a caller does a failed one again with ``read``, which fails over."""
         session = self.session
         if session is None or length > session.max_request or self._gave_up is not None:
-            return None
-        future = session.connection.read_now(offset, length)
-        if future is not None:
-            self.requests += 1
-            future.add_done_callback(self._count_read)
-        return future
+            return False
 
-    def _count_read(self, future: asyncio.Future[bytes | bytearray | memoryview | None]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            result = future.result()
-            self.bytes_read += len(result) if result is not None else 0
+        def counted(result: Reply | ClientError) -> None:
+            if not isinstance(result, BaseException):
+                self.bytes_read += length
+            done(result)
+
+        if not session.connection.read_now(offset, length, counted):
+            return False
+        self.requests += 1
+        return True
+
+    def send_queued(self) -> None:
+        """Send the requests queued in this loop turn now (see ``StreamConnection``)."""
+        if self.session is not None:
+            self.session.connection.send_queued()
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Read any range; long ones are split into requests the server accepts, in parallel."""

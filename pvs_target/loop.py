@@ -7,11 +7,13 @@ default; the fallback keeps the target usable where uvloop is not built (e.g. Wi
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+GC_THRESHOLD = 50_000
 
 
 def uvloop_available() -> bool:
@@ -22,8 +24,21 @@ def uvloop_available() -> bool:
     return True
 
 
+def tune_gc() -> None:
+    """Collect young objects less often, and never look at what exists at start again.
+
+    Every request makes a few short-lived objects (a future, a callback, buffers' views):
+    with CPython's default threshold (700) the collector ran every few hundred requests and
+    took ~5% of the target's time under load. What outlives the start-up (modules, classes,
+    configuration) is moved out of the collector's sight with ``gc.freeze``.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+
+
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run ``main`` to completion on a new loop and close it, like ``asyncio.run``."""
+    tune_gc()
     if use_uvloop and uvloop_available():
         import uvloop
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import os
 import socket
 import stat
@@ -78,9 +77,10 @@ class Backend(Protocol):
     async def trim(self, offset: int, length: int) -> None: ...
     async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None: ...
 
-    # Optional: ``read_now(offset, length)``, a future of ``read``'s data or None (then
-    # ``read`` is used), for reads that need no coroutine; a failed one is done again by
-    # ``read``, so it need not retry.
+    # Optional: ``read_now(offset, length, done) -> bool``, a read without a coroutine:
+    # ``done`` gets the data or an exception; False means ``read`` must be used. A failed one
+    # is done again by ``read``, so it need not retry. ``submitted()`` is called after each
+    # burst of commands (one receive's worth), for a backend that gathers them.
     # Optional: ``release(buffers)``, called with buffers ``read`` returned (``PoolBuffer``s
     # only) once the replies carrying them have been handed to the kernel whole, so the
     # backend may reuse them.
@@ -227,11 +227,12 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._protocol = NbdServerConnection(server.export)
         self._chunk = memoryview(bytearray(RECEIVE_CHUNK))
         self._transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
-        """Requests being served: tasks, and futures of the backend's ``read_now``."""
-        self._read_now: Callable[[int, int], asyncio.Future[Any] | None] | None = getattr(
+        self._tasks: set[asyncio.Task[None] | _FastRead] = set()
+        """Requests being served: tasks, and reads of the backend's ``read_now``."""
+        self._read_now: Callable[[int, int, Callable[[Any], None]], bool] | None = getattr(
             self._backend, "read_now", None
         )
+        self._submitted: Callable[[], None] | None = getattr(self._backend, "submitted", None)
         self._in_flight_bytes = 0
         self._lent: Lent | None = None
         """Read data in replies, given back to the backend once the transport is done."""
@@ -315,7 +316,7 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._ending = True
         if self._transport is not None:
             self._transport.abort()
-        for task in self._tasks:
+        for task in list(self._tasks):  # a fast read leaves the set as it is cancelled
             task.cancel()
         if self._transport is None:
             self.closed.set()
@@ -357,6 +358,8 @@ class _ExportConnection(asyncio.BufferedProtocol):
         except NbdProtocolError as error:
             self._protocol_error(error)
             return
+        if self._submitted is not None:
+            self._submitted()
         outgoing = protocol.data_to_send()
         if outgoing:
             self._send(outgoing)
@@ -392,10 +395,9 @@ class _ExportConnection(asyncio.BufferedProtocol):
         if command.kind is not CommandKind.FLUSH:
             self._in_flight_bytes += command.length
         if command.kind is CommandKind.READ and self._read_now is not None:
-            future = self._read_now(command.offset, command.length)
-            if future is not None:
-                self._tasks.add(future)
-                future.add_done_callback(functools.partial(self._read_now_done, command))
+            fast = _FastRead(self, command)
+            if self._read_now(command.offset, command.length, fast):
+                self._tasks.add(fast)
                 return
         self._start_task(command)
 
@@ -404,19 +406,21 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._request_done(done, command))
 
-    def _read_now_done(self, command: Command, future: asyncio.Future[Any]) -> None:
+    def _read_now_done(self, fast: _FastRead, result: object) -> None:
         """A READ of the fast path ended: answer it, or on any failure hand it to the
         careful path (``backend.read``), which retries, fails over and reports errors."""
-        if not future.cancelled() and not self._lost:
-            data = future.result() if future.exception() is None else None
-            if data is None or len(data) != command.length:
-                self._tasks.discard(future)
+        command = fast.command
+        if fast.cancelled:
+            return  # accounted for when it was cancelled
+        if not self._lost:
+            if not isinstance(result, Data) or len(result) != command.length:
+                self._tasks.discard(fast)
                 self._start_task(command)
                 return
-            self._send(self._protocol.reply_read(command.handle, command.offset, data))
-        self._request_done(future, command)
+            self._send(self._protocol.reply_read(command.handle, command.offset, result))
+        self._request_done(fast, command)
 
-    def _request_done(self, task: asyncio.Future[Any], command: Command) -> None:
+    def _request_done(self, task: asyncio.Task[None] | _FastRead, command: Command) -> None:
         self._tasks.discard(task)
         if command.kind is not CommandKind.FLUSH:
             self._in_flight_bytes -= command.length
@@ -498,6 +502,28 @@ class _ExportConnection(asyncio.BufferedProtocol):
         if self._reading_paused and self._transport is not None:
             self._reading_paused = False
             self._transport.resume_reading()
+
+
+class _FastRead:
+    """A READ served by the backend's ``read_now``: the callback it answers, and what the
+    connection needs to track it like a task (cancel, count)."""
+
+    __slots__ = ("cancelled", "command", "connection")
+
+    def __init__(self, connection: _ExportConnection, command: Command) -> None:
+        self.connection = connection
+        self.command = command
+        self.cancelled = False
+
+    def __call__(self, result: object) -> None:
+        self.connection._read_now_done(self, result)
+
+    def cancel(self) -> bool:
+        """Stop waiting: the request counts as done now; its answer, if any, is dropped."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.connection._request_done(self, self.command)
+        return True
 
 
 async def _then_flush(backend: Backend, operation: Awaitable[None], fua: bool) -> None:
