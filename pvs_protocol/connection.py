@@ -31,12 +31,16 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    __hash__ = object.__hash__  # Enum's own hashes the name in Python, twice per frame
+
 
 class Phase(enum.Enum):
     HELLO = "hello"
     LOGIN = "login"
     STREAMING = "streaming"
     CLOSED = "closed"
+
+    __hash__ = object.__hash__
 
 
 _ALWAYS = (ev.Keepalive, ev.Goodbye)
@@ -51,6 +55,7 @@ _SENDABLE: dict[tuple[Role, Phase], tuple[type, ...]] = {
 _CLIENT_FRAMES = frozenset(t for t in wire.FrameType if t < 0x80)
 _BLOCK_FRAMES = frozenset({wire.FrameType.READ_DATA, wire.FrameType.WRITE})
 _MODE_CODES = frozenset(mode.code for mode in Mode)
+_FRAME_TYPES = {kind.value: kind for kind in wire.FrameType}
 DIRECT_MIN = 64 * 1024
 """Block frames at least this long get a data buffer of their own (``receive_buffer``); for
 smaller ones a copy out of the shared receive buffer costs less than a system call more."""
@@ -87,6 +92,7 @@ class Connection:
         """``allocate(size)`` makes the buffers large block data is received into (a pool's
         ``take``: their old contents are overwritten before anyone sees them)."""
         self.role = role
+        self._peer = _other(role)
         self._allocate = allocate
         self.phase = Phase.HELLO
         self.max_request = 0
@@ -166,12 +172,11 @@ class Connection:
         magic, type_code, flags, length, request_id = wire.HEADER.unpack_from(self._buffer)
         if magic != wire.MAGIC:
             raise RemoteProtocolError(ErrorCode.MALFORMED, f"bad frame magic 0x{magic:04x}")
-        try:
-            kind = wire.FrameType(type_code)
-        except ValueError:
+        kind = _FRAME_TYPES.get(type_code)
+        if kind is None:
             raise RemoteProtocolError(
                 ErrorCode.UNKNOWN_TYPE, f"unknown frame type 0x{type_code:02x}"
-            ) from None
+            )
         if (kind in _CLIENT_FRAMES) != (self.role is Role.SERVER) and kind not in (
             wire.FrameType.KEEPALIVE, wire.FrameType.GOODBYE,
         ):
@@ -255,7 +260,7 @@ class Connection:
 
     def _apply(self, event: ev.Event, *, sending: bool) -> None:
         """Check ``event`` against the rules and move the state on; raise LocalProtocolError."""
-        sender = self.role if sending else _other(self.role)
+        sender = self.role if sending else self._peer
         if self.phase is Phase.CLOSED:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "connection is closed")
         if self.broken and not isinstance(event, ev.Goodbye):
@@ -267,7 +272,11 @@ class Connection:
                 f"{type(event).__name__} not allowed from the {sender.value} "
                 f"in phase {self.phase.value}",
             )
-        match event:
+        match event:  # the requests and replies of streaming first: they are most frames
+            case ev.Read() | ev.Write() | ev.Flush():
+                self._open_request(event)
+            case ev.ReadData() | ev.Done():
+                self._close_request(event)
             case ev.Goodbye():
                 self.phase = Phase.CLOSED
             case ev.Hello():
@@ -299,9 +308,7 @@ class Connection:
                     self.phase = Phase.STREAMING
                 elif isinstance(event, ev.Redirect):
                     self.phase = Phase.CLOSED
-            case ev.Read() | ev.Write() | ev.Flush():
-                self._open_request(event)
-            case ev.ReadData() | ev.Done() | ev.Error():
+            case ev.Error():
                 self._close_request(event)
 
     def _accept_hello_reply(self, reply: ev.HelloReply) -> None:

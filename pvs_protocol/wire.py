@@ -70,17 +70,17 @@ _LOGIN_AVOID = 0x04
 class _Reader:
     """Cursor over one payload; every short read is a MALFORMED protocol error."""
 
-    __slots__ = ("_data", "_pos", "_what")
+    __slots__ = ("_data", "_kind", "_pos")
 
-    def __init__(self, data: bytes | memoryview, what: str) -> None:
+    def __init__(self, data: bytes | memoryview, kind: FrameType) -> None:
         self._data = data
         self._pos = 0
-        self._what = what
+        self._kind = kind
 
     def take(self, size: int) -> bytes:
         end = self._pos + size
         if end > len(self._data):
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: payload too short")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._kind.name}: payload too short")
         chunk = bytes(self._data[self._pos : end])
         self._pos = end
         return chunk
@@ -91,18 +91,18 @@ class _Reader:
     def string(self) -> str:
         (size,) = struct.unpack(">H", self.take(2))
         if size > MAX_STRING:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: string too long")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._kind.name}: string too long")
         try:
             return self.take(size).decode("utf-8")
         except UnicodeDecodeError:
             raise RemoteProtocolError(
-                ErrorCode.MALFORMED, f"{self._what}: string is not UTF-8"
+                ErrorCode.MALFORMED, f"{self._kind.name}: string is not UTF-8"
             ) from None
 
     def addresses(self) -> tuple[str, ...]:
         count = self.take(1)[0]
         if count > MAX_SITE_ADDRESSES:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: too many addresses")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._kind.name}: too many addresses")
         return tuple(self.string() for _ in range(count))
 
     def identity(self) -> ReplicaIdentity:
@@ -117,7 +117,7 @@ class _Reader:
 
     def end(self) -> None:
         if self._pos != len(self._data):
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._what}: trailing bytes")
+            raise RemoteProtocolError(ErrorCode.MALFORMED, f"{self._kind.name}: trailing bytes")
 
 
 def _string(text: str) -> bytes:
@@ -214,7 +214,7 @@ def decode(
     checksum_kind: ev.Checksum,
 ) -> ev.Event:
     """Turn one complete frame into an event; raise RemoteProtocolError on any defect."""
-    reader = _Reader(payload, kind.name)
+    reader = _Reader(payload, kind)
     event = _DECODERS[kind](reader, request_id, flags, checksum_kind)
     reader.end()
     return event
