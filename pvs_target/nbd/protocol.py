@@ -23,6 +23,7 @@ Rules kept here (NBD protocol document, fixed newstyle, no TLS):
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 
 from pvs_target.nbd import wire
@@ -58,6 +59,9 @@ DISCARD_LIMIT = 64 * 1024 * 1024
 adapter) rather than spend a link's time on it. Valid WRITEs are at most the maximum block
 size (32 MiB), so no honest client gets here."""
 
+_KINDS = {kind.value: kind for kind in CommandKind}
+"""``CommandKind(n)`` by lookup: the enum call costs more than the rest of parsing a request."""
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _PAYLOAD_KINDS = frozenset({CommandKind.WRITE})
 _SIZED_KINDS = frozenset({CommandKind.READ, CommandKind.WRITE, CommandKind.CACHE})
 """Kinds whose length the maximum block size bounds (TRIM and WRITE_ZEROES carry no data)."""
@@ -396,7 +400,7 @@ class NbdServerConnection:
                 return None
             payload = bytearray(length)
             command = Command(
-                handle, CommandKind.WRITE, offset, length, CommandFlag(flags), payload
+                handle, CommandKind.WRITE, offset, length, _command_flags(flags), payload
             )
             if not length:
                 return command
@@ -407,7 +411,7 @@ class NbdServerConnection:
             return None
         if refusal is not None:
             return Refused(handle, kind, offset, length, refusal[0], refusal[1])
-        return Command(handle, CommandKind(kind), offset, length, CommandFlag(flags), None)
+        return Command(handle, _KINDS[kind], offset, length, _command_flags(flags), None)
 
     def _check(
         self, kind: int, flags: int, offset: int, length: int
@@ -437,7 +441,7 @@ class NbdServerConnection:
         minimum = export.minimum_block_size
         if minimum > 1 and (offset % minimum or length % minimum):
             return NbdError.EINVAL, f"{offset}+{length} is not aligned to {minimum} bytes"
-        if flags & CommandFlag.FAST_ZERO and not export.fast_zero:
+        if flags & _FAST_ZERO and not export.fast_zero:
             return NbdError.ENOTSUP, "zeroing is not faster than writing here"
         return None
 
@@ -509,6 +513,12 @@ class NbdServerConnection:
             return wire.SIMPLE_REPLY.pack(wire.SIMPLE_REPLY_MAGIC, error, handle)
         with_offset = offset if kind in _ERROR_OFFSET_KINDS else None
         return wire.error_chunk(handle, error, message, with_offset)
+
+
+@functools.cache
+def _command_flags(value: int) -> CommandFlag:
+    """``CommandFlag(value)``, remembered: few combinations occur, and the call is slow."""
+    return CommandFlag(value)
 
 
 __all__ = ["DISCARD_LIMIT", "MAX_OPTIONS", "MAX_OPTION_DATA", "NbdServerConnection", "Phase"]
