@@ -385,3 +385,41 @@ async def test_login_while_hashing_is_pending_and_sigterm_interrupts_the_hash(
     assert server.stop() == 0
     assert server.find_logs("stopped")
     assert not server.find_logs("identity_published")
+
+
+# -- the NBD export's fast path --------------------------------------------------------------
+
+
+async def test_read_now_answers_by_callback_within_the_server_limit(
+    module_servers: Servers,
+) -> None:
+    """``read_now`` sends at once while the server's in-flight limit allows, says False
+    (rather than waiting) beyond it, and hands each answer (data or error) to its callback."""
+    store = module_servers.workdir / "narrow-store"
+    make_vdisk(store, "narrow", 4 * MIB, seed=41)
+    image = image_path(store, "narrow").read_bytes()
+    server = module_servers("narrow-fast", store, vdisks=["narrow"],
+                            args=["--max-in-flight", "2"])
+    async with logged_in(server.address, "narrow") as session:
+        connection = session.connection
+        loop = asyncio.get_running_loop()
+        answers: dict[int, asyncio.Future[Any]] = {}
+
+        def start(offset: int, length: int) -> bool:
+            answer = answers[offset] = loop.create_future()
+            return connection.read_now(offset, length, answer.set_result)
+
+        assert start(0, MIB) and start(MIB, 4096)
+        assert not start(2 * MIB, 4096)  # both slots taken: the caller must use read()
+        connection.send_queued()
+        assert bytes(await answers[0]) == image[:MIB]
+        assert bytes(await answers[MIB]) == image[MIB : MIB + 4096]
+        assert start(3 * MIB, 4096)  # a slot came back with the answer
+        assert bytes(await answers[3 * MIB]) == image[3 * MIB : 3 * MIB + 4096]
+        assert start(4 * MIB - 512, 1024)  # past the end: the server's refusal, by callback
+        refused = await answers[4 * MIB - 512]
+        assert isinstance(refused, ServerError) and refused.code is ErrorCode.OUT_OF_RANGE
+        assert start(0, 4096)
+        await session.close()  # the connection ends with the read in flight, or answers it
+        ended = await answers[0]
+        assert isinstance(ended, ConnectionLost) or bytes(ended) == image[:4096]
