@@ -1,10 +1,13 @@
 """One target-to-server connection: the asyncio adapter around the sans-IO ``Connection``.
 
-``StreamConnection`` owns the transport. Bytes arrive through ``BufferedProtocol`` into one
-reusable buffer (``StreamReader.readexactly`` of 1 MiB is ~5x slower, ANCHORS.md); each frame
-leaves in one ``write`` so a header never waits for its payload behind Nagle. Any number of
-callers may ``read`` at once: requests are pipelined up to the server's ``max_in_flight`` and
-each reply lands on its own future, whatever order the server answers in.
+``StreamConnection`` owns the transport. Bytes arrive through ``BufferedProtocol``
+(``StreamReader.readexactly`` of 1 MiB is ~5x slower, ANCHORS.md): headers and small frames
+into one reusable chunk, the data of a large READ_DATA straight into a pooled buffer that
+becomes the reply (``Connection.receive_buffer``), so block data is never copied in user
+space. Each frame leaves in one ``write`` so a header never waits for its payload behind
+Nagle. Any number of callers may ``read`` at once: requests are pipelined up to the server's
+``max_in_flight`` and each reply lands on its own future, whatever order the server answers
+in. ``read_now`` is the same without a coroutine, for the NBD export's hot path.
 
 When the connection ends for any reason (the server's GOODBYE, a reset, a protocol breach, our
 own ``close``) every waiter fails with one typed ``ClientError``; nothing is left hanging.
@@ -152,6 +155,10 @@ async def _connect_socket(
     raise last_error
 
 
+def _reading(offset: int, length: int) -> Callable[[int], ev.Read]:
+    return lambda request_id: ev.Read(request_id, offset, length)
+
+
 class _Slots:
     """The requests the server lets us have in flight: a semaphore that can also be taken
     without awaiting (``try_take``), for ``read_now``."""
@@ -228,6 +235,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         self.on_closed: Callable[[ClientError], None] | None = None
         """Called once when the connection ends, so an idle owner learns of it at once."""
         self._outbox: list[bytes | bytearray | memoryview] = []
+        self._waiting_reads: collections.deque[tuple[int, int, Done]] = collections.deque()
+        """``read_now`` requests beyond ``max_in_flight``, sent as slots come back."""
         self.last_heard = self._loop.time()
         """When a byte last arrived: the failover layer declares a silent server gone."""
 
@@ -342,9 +351,10 @@ class StreamConnection(asyncio.BufferedProtocol):
             raise ValueError(f"request of {length} bytes outside 1..{self.max_request}")
 
     def read_now(self, offset: int, length: int, done: Done) -> bool:
-        """Send a READ now and call ``done`` with its data (a buffer the caller owns) or the
-        ``ClientError`` that ended it, as soon as either arrives; False if it would have to
-        wait (no free slot, writing paused, not streaming): then ``read`` is the way.
+        """Send a READ and call ``done`` with its data (a buffer the caller owns) or the
+        ``ClientError`` that ended it, as soon as either arrives; False if it cannot be taken
+        (writing paused, not streaming): then ``read`` is the way. Beyond the server's
+        ``max_in_flight`` it waits in a queue of its own, sent as answers free slots.
 
         The hot path of the NBD export: no coroutine, no future, and the answer is handled
         in the same loop turn it arrives in (a future's callbacks run one turn later).
@@ -358,10 +368,18 @@ class StreamConnection(asyncio.BufferedProtocol):
         ):
             return False
         self._check_request(offset, length)
-        if not slots.try_take():
-            return False
-        self._send_request(lambda request_id: ev.Read(request_id, offset, length), done)
+        if slots.try_take():
+            self._send_request(_reading(offset, length), done)
+        else:
+            self._waiting_reads.append((offset, length, done))
         return True
+
+    def _send_waiting_reads(self) -> None:
+        slots = self._slots
+        waiting = self._waiting_reads
+        while waiting and slots is not None and slots.try_take():
+            offset, length, done = waiting.popleft()
+            self._send_request(_reading(offset, length), done)
 
     async def _request(self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]) -> Reply:
         self._check_streaming()
@@ -476,7 +494,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._slots is not None:
             for _ in pending:
                 self._slots.give()  # wakes callers queued for a slot; they see the failure
-        for waiter in pending:
+        waiting = [done for _, _, done in self._waiting_reads]
+        self._waiting_reads.clear()
+        for waiter in [*pending, *waiting]:
             if not isinstance(waiter, asyncio.Future):
                 self._call(waiter, failure)
         waiters: list[asyncio.Future[Any]] = [
@@ -526,6 +546,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             while self._failure is None:
                 event = self._protocol.next_event()
                 if isinstance(event, ev.NeedData):
+                    self.send_queued()  # the requests answers made room for, in one write
                     return
                 self._handle(event)
         except ProtocolError as error:
@@ -596,6 +617,8 @@ class StreamConnection(asyncio.BufferedProtocol):
             return
         assert self._slots is not None
         self._slots.give()
+        if self._waiting_reads:
+            self._send_waiting_reads()
         if not isinstance(future, asyncio.Future):
             self._call(future, result)
             return

@@ -393,8 +393,8 @@ async def test_login_while_hashing_is_pending_and_sigterm_interrupts_the_hash(
 async def test_read_now_answers_by_callback_within_the_server_limit(
     module_servers: Servers,
 ) -> None:
-    """``read_now`` sends at once while the server's in-flight limit allows, says False
-    (rather than waiting) beyond it, and hands each answer (data or error) to its callback."""
+    """``read_now`` sends at once while the server's in-flight limit allows, queues beyond it
+    (sent as answers come back), and hands each answer (data or error) to its callback."""
     store = module_servers.workdir / "narrow-store"
     make_vdisk(store, "narrow", 4 * MIB, seed=41)
     image = image_path(store, "narrow").read_bytes()
@@ -410,12 +410,12 @@ async def test_read_now_answers_by_callback_within_the_server_limit(
             return connection.read_now(offset, length, answer.set_result)
 
         assert start(0, MIB) and start(MIB, 4096)
-        assert not start(2 * MIB, 4096)  # both slots taken: the caller must use read()
+        assert start(2 * MIB, 4096) and start(3 * MIB, 4096)  # beyond the limit: they wait
+        assert connection.in_flight == 2
         connection.send_queued()
-        assert bytes(await answers[0]) == image[:MIB]
-        assert bytes(await answers[MIB]) == image[MIB : MIB + 4096]
-        assert start(3 * MIB, 4096)  # a slot came back with the answer
-        assert bytes(await answers[3 * MIB]) == image[3 * MIB : 3 * MIB + 4096]
+        for offset, length in [(0, MIB), (MIB, 4096), (2 * MIB, 4096), (3 * MIB, 4096)]:
+            assert bytes(await answers[offset]) == image[offset : offset + length]
+        assert connection.in_flight == 0
         assert start(4 * MIB - 512, 1024)  # past the end: the server's refusal, by callback
         refused = await answers[4 * MIB - 512]
         assert isinstance(refused, ServerError) and refused.code is ErrorCode.OUT_OF_RANGE
