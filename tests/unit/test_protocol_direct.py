@@ -13,12 +13,12 @@ import zlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from protocol_helpers import drain, encode, pair_in
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
 from pvs_protocol.connection import DIRECT_MIN, Connection, Phase
 from pvs_protocol.errors import ErrorCode, RemoteProtocolError
-from tests.unit.protocol_helpers import drain, encode, pair_in
 
 SIZE = 256 * 1024
 DATA = os.urandom(SIZE)
