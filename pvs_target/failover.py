@@ -118,6 +118,10 @@ class VDiskStream:
         self._lost_at = 0.0
         self._lost_wall = 0.0
         self._lost_from: Session | None = None
+        self._crashed: tuple[str, str, float] | None = None
+        """The server last lost without notice (address, name, when): its peers may take
+        up to their peer timeout to notice, so for ``avoid_for`` it is tried last and a
+        planned move asks login servers to avoid it."""
         self._lost_reason = ""
         self._event_wait_ms = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -273,6 +277,7 @@ class VDiskStream:
         self._ready.clear()
         self._lost_at, self._lost_wall = time.monotonic(), time.time()
         self._lost_from, self._lost_reason = session, reason
+        self._crashed = (session.connected_to, session.server_name, self._lost_at)
         self._event_wait_ms = 0.0
         self.state = "failing over" if self.failover_allowed_for(session) else "waiting"
         self.log.warning(
@@ -338,7 +343,7 @@ class VDiskStream:
         return self.identity
 
     def _plan(
-        self, old: Session | None, first: tuple[str, ...] = ()
+        self, old: Session | None, first: tuple[str, ...] = (), *, planned: bool = False
     ) -> tuple[list[str], str, bool]:
         """Where to log in: the site (not the lost server) when failover is allowed, else
         straight back to the one server that provides the vDisk."""
@@ -349,9 +354,20 @@ class VDiskStream:
         # servers the site says are serving first; the one we lost last. Ask the site to
         # avoid it only until its peers have had time to notice it is gone: after that,
         # their view is the better judge (it may be back, and the only one with our replica).
-        others = [s for s in (*first, *self.known_servers) if s != old.connected_to]
-        recent = time.monotonic() - self._lost_at < self.settings.avoid_for
-        return [*dict.fromkeys(others), old.connected_to], old.server_name if recent else "", False
+        now = time.monotonic()
+        crashed = self._crashed
+        if crashed is not None and (
+            now - crashed[2] >= self.settings.avoid_for or crashed[0] == old.connected_to
+        ):
+            crashed = None
+        last = [crashed[0]] if crashed else []  # a silent one costs a connect timeout
+        others = [s for s in (*first, *self.known_servers) if s not in (old.connected_to, *last)]
+        servers = [*dict.fromkeys(others), *last, old.connected_to]
+        if planned and crashed is not None:
+            # the stopping server refuses logins itself; the crashed one would only time out
+            return servers, crashed[1], False
+        recent = now - self._lost_at < self.settings.avoid_for
+        return servers, old.server_name if recent else "", False
 
     def _why_waiting(self, old: Session | None, error: LoginError) -> str:
         if old is not None and not self.failover_allowed_for(old):
@@ -423,7 +439,7 @@ class VDiskStream:
         until = time.monotonic() + notice.deadline_ms / 1000
         delay = self.settings.retry_min
         while True:  # keep trying until the deadline: the old server still serves meanwhile
-            servers, avoid, _ = self._plan(old, first=notice.site)
+            servers, avoid, _ = self._plan(old, first=notice.site, planned=True)
             left = until - time.monotonic()
             try:
                 session = await login(

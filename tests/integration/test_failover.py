@@ -127,6 +127,45 @@ async def test_frozen_server(site: Site) -> None:
     await _failover_under_reads(site, "freeze")
 
 
+async def test_a_planned_move_right_after_a_freeze_does_not_wait_for_the_frozen_server(
+    tmp_path: Path,
+) -> None:
+    """t1 streams from s1 (power 4), t2 from s2. s1 freezes: t1 moves to s3. Before the
+    peers notice (their peer timeout is long here), s3 stops its stream service: its RELOGIN
+    lists s1 first (its last known load is the lowest) and a login server would still place
+    t1 there. t1 must move to s2 at once: not log in at s1 first nor be sent there, which
+    would each cost a connect timeout."""
+    built = Site(tmp_path, powers=(4, 1, 1))
+    for server in built.servers:
+        server.args[server.args.index("--peer-timeout") + 1] = "60"
+    built.start()
+    s1, _, s3 = built.servers
+    try:
+        async with reading(built, "t1") as first:
+            await until(lambda: first.bytes > 2 * MIB, 20, "t1's first reads")
+            stream = first.stream
+            assert stream.status()["server"]["name"] == "s1"
+            async with reading(built, "t2") as second:
+                await until(lambda: second.bytes > 2 * MIB, 20, "t2's first reads")
+                assert second.stream.status()["server"]["name"] == "s2"
+                s1.freeze()
+                try:
+                    await until(lambda: len(stream.history) >= 1, 15, "t1 leaving s1")
+                    assert stream.status()["server"]["name"] == "s3"
+                    stopping = asyncio.create_task(stop_async(s3))
+                    await until(lambda: len(stream.history) >= 2, 15, "t1 leaving s3")
+                    await stopping
+                    record = stream.history[1]
+                    assert record.to_server == "s2" and "relogin" in record.reason, record
+                    # a login attempt at frozen s1 alone takes connect_timeout (1 s)
+                    assert record.took_ms < 0.8 * FAST.connect_timeout * 1000, record
+                    assert record.longest_wait_ms < 100, record
+                finally:
+                    s1.thaw()
+    finally:
+        built.stop()
+
+
 async def test_targets_of_a_stopped_server_spread_over_the_rest(tmp_path: Path) -> None:
     site = Site(tmp_path)
     streams = []
