@@ -179,7 +179,7 @@ class VDiskStream:
 
     def read_now(self, offset: int, length: int, done: Done) -> bool:
         """One READ sent at once on the current session, its answer to ``done`` (data, or the
-        error that ended it); False when that cannot be (no session, too long, no free slot).
+        error that ended it); False when that cannot be (no session, too long, writing paused).
         No retry here: a caller does a failed one again with ``read``, which fails over."""
         session = self.session
         if session is None or length > session.max_request or self._gave_up is not None:
