@@ -32,21 +32,28 @@ class Site:
         if properties:
             args = [f"--{k.replace('_', '-')}={v}" for k, v in properties.items()]
             pvsctl("vdisk", "set", "disk", "--store", str(first), *args)
+        self.data = random_bytes(SIZE, 7)
+        self._replicate_and_join(
+            count, lambda index: ["--power", str(powers[index] if index < len(powers) else 1.0)]
+        )
+
+    def _replicate_and_join(self, count: int, own: Callable[[int], list[str]]) -> None:
+        """Copy store1's vDisk files (not its identity cache) to store2..N, and give each
+        server the site key, its peers, an admin API and ``own(index)`` arguments."""
+        first = self.workdir / "store1"
         for index in range(2, count + 1):
-            store = workdir / f"store{index}"
+            store = self.workdir / f"store{index}"
             store.mkdir()
             for file in first.glob("disk.*"):
                 if not file.name.endswith(".identity.json"):
                     shutil.copy2(file, store / file.name)
-        self.data = random_bytes(SIZE, 7)
         self.servers = [
-            Pvsd(f"s{i}", workdir / f"store{i}", workdir) for i in range(1, count + 1)
+            Pvsd(f"s{i}", self.workdir / f"store{i}", self.workdir) for i in range(1, count + 1)
         ]
         for index, server in enumerate(self.servers):
             peers = [p.address for p in self.servers if p is not server]
-            power = powers[index] if index < len(powers) else 1.0
             server.args = [
-                "--power", str(power),
+                *own(index),
                 "--key-file", str(self.key), "--peer-timeout", "2", "--drain-timeout", "5",
                 "--admin", f"{server.host}:{server.port + 1}",
                 *[arg for peer in peers for arg in ("--peer", peer)],
