@@ -34,7 +34,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from harness import PYTHON, Pvsd, image_path, make_vdisk, random_bytes
+from harness import PYTHON, image_path, make_vdisk, random_bytes
+from nbd_tools import need, run
 from sites import Site, keygen, private_site, pvsctl
 
 pytestmark = pytest.mark.external
@@ -51,20 +52,6 @@ STOP_TIMEOUT = 15.0
 PVSD_CONFIG = "inventory_interval = 0.5\n"
 """For every pvsd here: a server that starts after its peers learns their replicas within
 half a second rather than the default five, so that a site is ready sooner."""
-
-
-def need(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)}")
-
-
-def run(*command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL, check=False)
-    assert result.returncode == 0, f"{command} failed ({result.returncode}):\n" \
-        f"{result.stdout}\n{result.stderr}"
-    return result
 
 
 def attempt(*command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -123,25 +110,9 @@ class DiskSite(Site):
             assert "block_size = 4096\n" in text, text
             properties.write_text(text.replace("block_size = 4096\n",
                                                f"block_size = {block_size}\n"))
-        for index in range(2, count + 1):
-            store = workdir / f"store{index}"
-            store.mkdir()
-            for file in first.glob("disk.*"):
-                if not file.name.endswith(".identity.json"):
-                    shutil.copy2(file, store / file.name)
-        self.servers = [
-            Pvsd(f"s{i}", workdir / f"store{i}", workdir) for i in range(1, count + 1)
-        ]
         config = workdir / "pvsd.toml"
         config.write_text(PVSD_CONFIG)
-        for server in self.servers:  # as Site does: a site key, peers, an admin API
-            server.args = [
-                "--config", str(config),
-                "--key-file", str(self.key), "--peer-timeout", "2", "--drain-timeout", "5",
-                "--admin", f"{server.host}:{server.port + 1}",
-                *[arg for peer in self.servers if peer is not server
-                  for arg in ("--peer", peer.address)],
-            ]
+        self._replicate_and_join(count, lambda _: ["--config", str(config)])
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 import structlog
+from nbd_tools import need, run
 
 from pvs_target.cache import WriteCache
 from pvs_target.nbd import wire
@@ -39,19 +40,6 @@ pytestmark = pytest.mark.external
 SIZE = 32 * 1024 * 1024
 EXPORT = "disk"
 T = TypeVar("T")
-
-
-def need(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)}")
-
-
-def run(*command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            check=False)
-    assert result.returncode == 0, f"{command} failed: {result.stdout}\n{result.stderr}"
-    return result
 
 
 # -- backends -----------------------------------------------------------------------------
