@@ -172,21 +172,22 @@ class _RamStore:
             del self.pages[page]
 
     def write(self, offset: int, data: memoryview) -> None:
-        size = self.page_size
-        done = 0
-        while done < len(data):
-            page, within = divmod(offset + done, size)
-            count = min(size - within, len(data) - done)
+        for page, within, done, count in self._pieces(offset, len(data)):
             self.pages[page][within : within + count] = data[done : done + count]
-            done += count
 
     def read_into(self, offset: int, view: memoryview) -> None:
+        for page, within, done, count in self._pieces(offset, len(view)):
+            view[done : done + count] = self.pages[page][within : within + count]
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(page, offset in the page, offset in the buffer, length) of each page the range
+        ``offset .. offset + length`` touches."""
         size = self.page_size
         done = 0
-        while done < len(view):
+        while done < length:
             page, within = divmod(offset + done, size)
-            count = min(size - within, len(view) - done)
-            view[done : done + count] = self.pages[page][within : within + count]
+            count = min(size - within, length - done)
+            yield page, within, done, count
             done += count
 
     def close(self) -> None:
