@@ -5,10 +5,11 @@ Rules, in one place:
   sent before that, and frames longer than ``HANDSHAKE_MAX_PAYLOAD`` are refused.
 - Then the target sends LOGIN, one at a time; the server answers LOGIN_OK (streaming begins),
   REDIRECT (the connection ends: log in at the named server) or ERROR (the target may try again).
-- While streaming, the target sends READ, WRITE and FLUSH with request ids unique among its
-  outstanding requests, at most ``max_in_flight`` of them, each at most ``max_request`` bytes;
-  the server answers each exactly once (READ_DATA of exactly the length asked, DONE or ERROR),
-  in any order.
+- While streaming, the target sends READ, WRITE, FLUSH and DIGESTS with request ids unique
+  among its outstanding requests, at most ``max_in_flight`` of them, each at most
+  ``max_request`` bytes (a DIGESTS at most one page); the server answers each exactly once
+  (READ_DATA of exactly the length asked, DONE or ERROR), in any order. DAMAGED is a report
+  from the target and is not answered.
 - KEEPALIVE may be sent by either side after HELLO; GOODBYE by either side at any time, and it
   ends the connection.
 Any breach by the peer raises ``RemoteProtocolError``; any breach by us ``LocalProtocolError``.
@@ -47,7 +48,9 @@ _ALWAYS = (ev.Keepalive, ev.Goodbye)
 _SENDABLE: dict[tuple[Role, Phase], tuple[type, ...]] = {
     (Role.CLIENT, Phase.HELLO): (ev.Hello, ev.Goodbye),
     (Role.CLIENT, Phase.LOGIN): (ev.Login, *_ALWAYS),
-    (Role.CLIENT, Phase.STREAMING): (ev.Read, ev.Write, ev.Flush, *_ALWAYS),
+    (Role.CLIENT, Phase.STREAMING): (
+        ev.Read, ev.Write, ev.Flush, ev.Digests, ev.Damaged, *_ALWAYS,
+    ),
     (Role.SERVER, Phase.HELLO): (ev.HelloReply, ev.Goodbye),
     (Role.SERVER, Phase.LOGIN): (ev.LoginOk, ev.Redirect, ev.Error, *_ALWAYS),
     (Role.SERVER, Phase.STREAMING): (ev.ReadData, ev.Done, ev.Error, ev.Relogin, *_ALWAYS),
@@ -227,7 +230,9 @@ class Connection:
 
     def _payload_limit(self, kind: wire.FrameType) -> int:
         if kind in _BLOCK_FRAMES and self.phase is Phase.STREAMING:
-            return self.max_request + (4 if kind is wire.FrameType.READ_DATA else 8)
+            if kind is wire.FrameType.READ_DATA:  # a digest page may exceed a tiny max_request
+                return max(self.max_request, wire.MAX_DIGEST_PAGE) + 4
+            return self.max_request + 8
         return wire.HANDSHAKE_MAX_PAYLOAD
 
     def _check_received(self, event: ev.Event) -> None:
@@ -273,7 +278,7 @@ class Connection:
                 f"in phase {self.phase.value}",
             )
         match event:  # the requests and replies of streaming first: they are most frames
-            case ev.Read() | ev.Write() | ev.Flush():
+            case ev.Read() | ev.Write() | ev.Flush() | ev.Digests():
                 self._open_request(event)
             case ev.ReadData() | ev.Done():
                 self._close_request(event)
@@ -328,7 +333,7 @@ class Connection:
         self.checksum = reply.checksum
         self.phase = Phase.LOGIN
 
-    def _open_request(self, request: ev.Read | ev.Write | ev.Flush) -> None:
+    def _open_request(self, request: ev.Read | ev.Write | ev.Flush | ev.Digests) -> None:
         rid = request.request_id
         if rid == 0 or rid in self._outstanding:
             raise LocalProtocolError(ErrorCode.MALFORMED, f"request id {rid} zero or in use")
@@ -344,6 +349,13 @@ class Connection:
                 raise LocalProtocolError(
                     ErrorCode.TOO_LARGE,
                     f"READ {rid} length {request.length} outside 1..{self.max_request}",
+                )
+            expected = request.length
+        elif isinstance(request, ev.Digests):
+            if not 0 < request.length <= wire.MAX_DIGEST_PAGE:
+                raise LocalProtocolError(
+                    ErrorCode.MALFORMED,
+                    f"DIGESTS {rid} length {request.length} outside 1..{wire.MAX_DIGEST_PAGE}",
                 )
             expected = request.length
         elif isinstance(request, ev.Write):

@@ -20,7 +20,8 @@ from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity
 
 MAGIC = b"PVSC"
-VERSION = 1
+VERSION = 2
+"""2: identities carry the manifest block size; entries may say a replica is damaged."""
 MAC_SIZE = 32
 MAX_DATAGRAM = 1400
 """Below a typical Ethernet MTU: a datagram is never fragmented on the way."""
@@ -32,7 +33,8 @@ _ENVELOPE = struct.Struct(">4sBBQQQ")  # magic, version, type, epoch, seq, times
 _HEARTBEAT = struct.Struct(">BIIQIHH")
 _INVENTORY = struct.Struct(">IHH")
 _ENTRY = struct.Struct(">BBB")
-_IDENTITY = struct.Struct(f">IQQ{DIGEST_SIZE}s")
+_IDENTITY = struct.Struct(f">IQQI{DIGEST_SIZE}s")
+_DAMAGE = struct.Struct(">QI")
 _MODE_CODES = frozenset(m.code for m in Mode)
 _AFFINITY_CODES = frozenset(a.code for a in SubnetAffinity)
 
@@ -80,6 +82,16 @@ class ReplicaEntry:
     fixed_server: str
     shared: bool
     identity: ReplicaIdentity | None
+    """The manifest's identity; None while it is being loaded or the replica is checked."""
+    damaged_at: int = -1
+    """Offset of the first block found not to match the manifest, or -1: a damaged replica
+    is never a candidate, whatever its identity says."""
+    bad_blocks: int = 0
+    """Blocks known not to match (a lower bound until a full check has run)."""
+
+    @property
+    def damaged(self) -> bool:
+        return self.damaged_at >= 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,12 +183,15 @@ def _encode_entry(entry: ReplicaEntry) -> bytes:
         | (2 if entry.load_balancing else 0)
         | (4 if entry.shared else 0)
         | (8 if entry.identity is not None else 0)
+        | (16 if entry.damaged else 0)
     )
     out = _ENTRY.pack(entry.mode, entry.affinity, flags) + _str(entry.vdisk)
     out += _str(entry.fixed_server)
     if entry.identity is not None:
         i = entry.identity
-        out += _IDENTITY.pack(i.version, i.timestamp_ns, i.size, i.digest)
+        out += _IDENTITY.pack(i.version, i.timestamp_ns, i.size, i.block_size, i.digest)
+    if entry.damaged:
+        out += _DAMAGE.pack(entry.damaged_at, min(entry.bad_blocks, 0xFFFFFFFF))
     return out
 
 
@@ -261,12 +276,13 @@ def _decode_inventory(c: _Cursor) -> InventoryChunk:
         vdisk, fixed = c.string(), c.string()
         identity = None
         if flags & 8:
-            version, ts, size, digest = c.unpack(_IDENTITY)
-            identity = ReplicaIdentity(version, ts, size, digest)
+            version, ts, size, block_size, digest = c.unpack(_IDENTITY)
+            identity = ReplicaIdentity(version, ts, size, digest, block_size)
+        damaged_at, bad_blocks = c.unpack(_DAMAGE) if flags & 16 else (-1, 0)
         entries.append(
             ReplicaEntry(
                 vdisk, mode, bool(flags & 1), bool(flags & 2), affinity, fixed, bool(flags & 4),
-                identity,
+                identity, damaged_at, bad_blocks,
             )
         )
     return InventoryChunk(name, generation, index, count, tuple(entries))

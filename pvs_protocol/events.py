@@ -110,6 +110,27 @@ class Flush:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Digests:
+    """Ask for one page of the manifest tree of the replica logged in to; answered by
+    READ_DATA carrying the page (``length`` bytes, which the target knows from the tree's
+    shape) or ERROR."""
+
+    request_id: int
+    level: int
+    page: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Damaged:
+    """The target found a block of this server's replica that does not match the manifest.
+    No answer: the server checks the block itself and withdraws the replica if it agrees."""
+
+    block: int
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Done:
     """Successful completion of a WRITE or FLUSH."""
 
@@ -151,8 +172,8 @@ class Goodbye:
 
 
 Event = (
-    Hello | HelloReply | Login | LoginOk | Redirect | Read | ReadData | Write | Flush | Done
-    | Error | Relogin | Keepalive | Goodbye
+    Hello | HelloReply | Login | LoginOk | Redirect | Read | ReadData | Write | Flush | Digests
+    | Damaged | Done | Error | Relogin | Keepalive | Goodbye
 )
 
 

@@ -1,10 +1,13 @@
 """Replica identity: what makes two copies of a vDisk interchangeable.
 
 A target that has streamed from one replica may only ever continue on a replica that holds
-exactly the same bytes, or it would see a disk that changed under it. Size and timestamp alone
-are not enough (copy tools have been seen to keep both while the content differed), and content
-alone is not enough either: the same change made to two copies gives two versions that an
-administrator did not make as one. So all four fields must match.
+exactly the same bytes, or it would see a disk that changed under it. The identity is that of
+the version's manifest (``pvs_protocol/manifest.py``): its root digest covers the content block
+by block *and* the version number and the time the version was made, so the same change made
+to two copies gives two manifests, two versions an administrator did not make as one. A copy
+is identical only when it carries the same manifest and its content matches it; a copy whose
+content does not match its own manifest is damaged, which its server finds and reports apart
+from the identity (see ``pvsd/manifest.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 DIGEST_SIZE = 32
-"""SHA-256, so that an administrator can check a replica with ``sha256sum``."""
+"""The manifest's root digest (keyed BLAKE3, 256 bits)."""
+DEFAULT_BLOCK_SIZE = 16384
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -20,16 +24,18 @@ class ReplicaIdentity:
     version: int
     """The vDisk version from its properties file."""
     timestamp_ns: int
-    """Modification time of the image, nanoseconds since the epoch (kept by cp -p, rsync -t)."""
+    """When the version (its manifest) was made, nanoseconds since the epoch."""
     size: int
     """Image size in bytes."""
     digest: bytes
-    """SHA-256 of the whole image."""
+    """Root of the manifest's hash tree: content, version and creation time in one."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Bytes per manifest block: the unit in which a target checks what it receives."""
 
     def __post_init__(self) -> None:
         if len(self.digest) != DIGEST_SIZE:
             raise ValueError(f"digest must be {DIGEST_SIZE} bytes, got {len(self.digest)}")
-        if self.version < 0 or self.timestamp_ns < 0 or self.size < 0:
+        if self.version < 0 or self.timestamp_ns < 0 or self.size < 0 or self.block_size <= 0:
             raise ValueError("identity fields must not be negative")
 
     def differences(self, other: ReplicaIdentity) -> list[str]:
@@ -44,6 +50,8 @@ class ReplicaIdentity:
             names.append("timestamp")
         if self.size != other.size:
             names.append("size")
+        if self.block_size != other.block_size:
+            names.append("block size")
         if self.digest != other.digest:
             names.append("content")
         return names
@@ -62,6 +70,7 @@ class ReplicaIdentity:
             "timestamp_ns": self.timestamp_ns,
             "size": self.size,
             "digest": self.digest.hex(),
+            "block_size": self.block_size,
         }
 
     @classmethod
@@ -69,11 +78,13 @@ class ReplicaIdentity:
         version, timestamp_ns, size, digest = (
             data["version"], data["timestamp_ns"], data["size"], data["digest"],
         )
+        block_size = data.get("block_size", DEFAULT_BLOCK_SIZE)
         if not (
             isinstance(version, int)
             and isinstance(timestamp_ns, int)
             and isinstance(size, int)
             and isinstance(digest, str)
+            and isinstance(block_size, int)
         ):
             raise ValueError("malformed identity record")
-        return cls(version, timestamp_ns, size, bytes.fromhex(digest))
+        return cls(version, timestamp_ns, size, bytes.fromhex(digest), block_size)

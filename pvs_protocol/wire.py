@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - an optional speed-up
     _crc32 = zlib.crc32
 
 MAGIC = 0x5056  # "PV"
-VERSION = 1
+VERSION = 2
+"""2: manifest identities (56 bytes), DIGESTS and DAMAGED; version 1 is retired."""
 HEADER = struct.Struct(">HBBIQ")  # magic, type, flags, payload length, request id
 HEADER_SIZE = HEADER.size  # 16
 HANDSHAKE_MAX_PAYLOAD = 4096
@@ -34,6 +35,8 @@ MAX_REQUEST_LIMIT = 32 * 1024 * 1024
 FLAG_REPLY = 0x01
 MAX_SITE_ADDRESSES = 16
 """LOGIN_OK names at most this many other servers (enough to find the site again)."""
+MAX_DIGEST_PAGE = 4096
+"""Largest DIGESTS request: one page of the manifest tree (``manifest.PAGE_SIZE``)."""
 
 
 class FrameType(enum.IntEnum):
@@ -42,6 +45,8 @@ class FrameType(enum.IntEnum):
     READ = 0x03
     WRITE = 0x04
     FLUSH = 0x05
+    DIGESTS = 0x06
+    DAMAGED = 0x07
     KEEPALIVE = 0x10
     GOODBYE = 0x11
     HELLO_REPLY = 0x81
@@ -53,12 +58,13 @@ class FrameType(enum.IntEnum):
     RELOGIN = 0x87
 
 
-_IDENTITY = struct.Struct(f">IQQ{DIGEST_SIZE}s")
+_IDENTITY = struct.Struct(f">IQQI{DIGEST_SIZE}s")
 _HELLO = struct.Struct(">HHIB")
 _HELLO_REPLY = struct.Struct(">HIIB")
 _LOGIN_HEAD = struct.Struct(">B")
 _LOGIN_OK_HEAD = struct.Struct(">QIBB")
 _READ = struct.Struct(">QI")
+_DIGESTS = struct.Struct(">BQI")
 _OFFSET = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -106,8 +112,14 @@ class _Reader:
         return tuple(self.string() for _ in range(count))
 
     def identity(self) -> ReplicaIdentity:
-        version, timestamp_ns, size, digest = _IDENTITY.unpack(self.take(_IDENTITY.size))
-        return ReplicaIdentity(version, timestamp_ns, size, digest)
+        version, timestamp_ns, size, block_size, digest = _IDENTITY.unpack(
+            self.take(_IDENTITY.size)
+        )
+        if block_size == 0 or block_size & (block_size - 1):
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED, f"{self._kind.name}: block size {block_size}"
+            )
+        return ReplicaIdentity(version, timestamp_ns, size, digest, block_size)
 
     def rest(self) -> bytes:
         """The remaining payload, copied once: the frame's buffer is reused after decoding."""
@@ -134,7 +146,10 @@ def _addresses(addresses: tuple[str, ...]) -> bytes:
 
 
 def _identity(identity: ReplicaIdentity) -> bytes:
-    return _IDENTITY.pack(identity.version, identity.timestamp_ns, identity.size, identity.digest)
+    return _IDENTITY.pack(
+        identity.version, identity.timestamp_ns, identity.size, identity.block_size,
+        identity.digest,
+    )
 
 
 def checksum(kind: ev.Checksum, data: bytes | bytearray | memoryview) -> int:
@@ -192,6 +207,10 @@ def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
             return FrameType.READ, _READ.pack(offset, length), request_id, 0
         case ev.Flush(request_id):
             return FrameType.FLUSH, b"", request_id, 0
+        case ev.Digests(request_id, level, page, length):
+            return FrameType.DIGESTS, _DIGESTS.pack(level, page, length), request_id, 0
+        case ev.Damaged(block, message):
+            return FrameType.DAMAGED, _U64.pack(block) + _string(message), 0, 0
         case ev.Done(request_id):
             return FrameType.DONE, b"", request_id, 0
         case ev.Error(request_id, code, message):
@@ -265,6 +284,16 @@ def _read(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event
     return ev.Read(request_id, offset, length)
 
 
+def _digests(r: _Reader, request_id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    level, page, length = r.unpack(_DIGESTS)
+    return ev.Digests(request_id, level, page, length)
+
+
+def _damaged(r: _Reader, _id: int, _flags: int, _c: ev.Checksum) -> ev.Event:
+    (block,) = r.unpack(_U64)
+    return ev.Damaged(block, r.string())
+
+
 def _read_data(r: _Reader, request_id: int, flags: int, kind: ev.Checksum) -> ev.Event:
     prefix = r.take(4)
     return decode_block(FrameType.READ_DATA, flags, request_id, prefix, r.rest(), kind)
@@ -330,6 +359,8 @@ _DECODERS: dict[FrameType, Callable[[_Reader, int, int, ev.Checksum], ev.Event]]
     FrameType.READ_DATA: _read_data,
     FrameType.WRITE: _write,
     FrameType.FLUSH: lambda r, request_id, _f, _c: ev.Flush(request_id),
+    FrameType.DIGESTS: _digests,
+    FrameType.DAMAGED: _damaged,
     FrameType.DONE: lambda r, request_id, _f, _c: ev.Done(request_id),
     FrameType.ERROR: _error,
     FrameType.RELOGIN: _relogin,
