@@ -21,7 +21,7 @@ IDENTITY = ReplicaIdentity(
 MAX_REQUEST = 64 * 1024
 MAX_IN_FLIGHT = 4
 
-HELLO = ev.Hello(1, 1, MAX_REQUEST, frozenset({ev.Checksum.CRC32}), "pvs-target/test")
+HELLO = ev.Hello(2, 2, MAX_REQUEST, frozenset({ev.Checksum.CRC32}), "pvs-target/test")
 LOGIN = ev.Login("52:54:00:12:34:56", "win11-lab")
 LOGIN_OK = ev.LoginOk(
     session_id=7, identity=IDENTITY, block_size=4096, mode=1, flags=ev.LoginFlag.READ_ONLY,

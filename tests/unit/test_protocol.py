@@ -48,13 +48,13 @@ SCENARIOS: dict[str, tuple[Phase, list[Step]]] = {
     "hello": (Phase.HELLO, [(C, HELLO)]),
     "hello-reply-crc32": (
         Phase.HELLO,
-        [(C, HELLO), (S, ev.HelloReply(1, MAX_REQUEST, 4, ev.Checksum.CRC32, "pvs-a"))],
+        [(C, HELLO), (S, ev.HelloReply(2, MAX_REQUEST, 4, ev.Checksum.CRC32, "pvs-a"))],
     ),
     "hello-reply-no-checksum": (
         Phase.HELLO,
         [
             (C, ev.Hello(1, 3, 1024 * 1024, frozenset(), "pvs-target/0.1")),
-            (S, ev.HelloReply(1, 512, 1, ev.Checksum.NONE, "")),
+            (S, ev.HelloReply(2, 512, 1, ev.Checksum.NONE, "")),
         ],
     ),
     "login": (Phase.LOGIN, [(C, LOGIN)]),
@@ -89,6 +89,14 @@ SCENARIOS: dict[str, tuple[Phase, list[Step]]] = {
     ),
     "write": (Phase.STREAMING, [(C, ev.Write(3, 0, b"\x00\xff" * 50)), (S, ev.Done(3))]),
     "flush": (Phase.STREAMING, [(C, ev.Flush(4)), (S, ev.Done(4))]),
+    "digests": (
+        Phase.STREAMING, [(C, ev.Digests(5, 2, 2**64 - 1, 4096)), (S, ev.ReadData(5, b"d" * 4096))]
+    ),
+    "digests-refused": (
+        Phase.STREAMING,
+        [(C, ev.Digests(6, 0, 7, 32)), (S, ev.Error(6, ErrorCode.OUT_OF_RANGE, "no page 7"))],
+    ),
+    "damaged": (Phase.STREAMING, [(C, ev.Damaged(2**64 - 1, "block 9 does not match"))]),
     "relogin": (Phase.STREAMING, [(S, ev.Relogin(5000, "pvs-a is stopping"))]),
     "connection-error": (Phase.STREAMING, [(S, ev.Error(0, ErrorCode.INTERNAL, "bug"))]),
     "keepalive-from-server": (
@@ -218,10 +226,11 @@ def test_login_layout_with_pinned_identity() -> None:
     payload = data[wire.HEADER_SIZE :]
     identity = payload[1 + 3 + 3 :]
     assert payload[:7] == b"\x03\x00\x01d\x00\x01v"
-    assert len(identity) == 4 + 8 + 8 + 32
+    assert len(identity) == 4 + 8 + 8 + 4 + 32
     assert identity == (
         IDENTITY.version.to_bytes(4, "big") + IDENTITY.timestamp_ns.to_bytes(8, "big")
-        + IDENTITY.size.to_bytes(8, "big") + IDENTITY.digest
+        + IDENTITY.size.to_bytes(8, "big") + IDENTITY.block_size.to_bytes(4, "big")
+        + IDENTITY.digest
     )
 
 
@@ -229,7 +238,7 @@ def test_login_ok_layout() -> None:
     ok = ev.LoginOk(1, IDENTITY, 4096, 1, ev.LoginFlag.READ_ONLY | ev.LoginFlag.FAILOVER, "", "")
     payload = encode(ok)[wire.HEADER_SIZE :]
     assert payload[:14] == bytes.fromhex("0000000000000001 00001000 01 03".replace(" ", ""))
-    assert len(payload) == 14 + 52 + 2 + 2 + 1  # no site addresses: a zero count
+    assert len(payload) == 14 + 56 + 2 + 2 + 1  # no site addresses: a zero count
 
 
 def test_login_ok_site_addresses_round_trip_and_limit() -> None:
@@ -289,7 +298,7 @@ def test_bad_magic(role: Role) -> None:
     refused_on_receive(Connection(role), header, ErrorCode.MALFORMED)
 
 
-@pytest.mark.parametrize("type_code", [0x00, 0x06, 0x42, 0x80, 0x88, 0xFF])
+@pytest.mark.parametrize("type_code", [0x00, 0x08, 0x42, 0x80, 0x88, 0xFF])
 def test_unknown_frame_type(type_code: int) -> None:
     refused_on_receive(Connection(S), frame(type_code, length=0), ErrorCode.UNKNOWN_TYPE)
 
@@ -461,7 +470,7 @@ def test_checksum_mismatch_in_the_checksum_field_itself() -> None:
 
 
 def test_checksum_field_ignored_when_none_negotiated() -> None:
-    pair = pair_in(Phase.STREAMING, hello=ev.Hello(1, 1, MAX_REQUEST, frozenset(), "t"))
+    pair = pair_in(Phase.STREAMING, hello=ev.Hello(2, 2, MAX_REQUEST, frozenset(), "t"))
     assert pair.client.checksum is pair.server.checksum is ev.Checksum.NONE
     pair.client.send(ev.Read(1, 0, 4))
     pair.client.receive_data(_read_data_frame(1, b"data", 0xDEADBEEF))
@@ -479,7 +488,7 @@ def test_checksum_field_ignored_when_none_negotiated() -> None:
 )
 def test_checksum_negotiation(offered: set[ev.Checksum], chosen: ev.Checksum) -> None:
     pair = ConnectionPair()
-    reply = pair.hello(ev.Hello(1, 1, MAX_REQUEST, frozenset(offered), "t"))
+    reply = pair.hello(ev.Hello(2, 2, MAX_REQUEST, frozenset(offered), "t"))
     assert reply.checksum is pair.client.checksum is pair.server.checksum is chosen
 
 
@@ -489,7 +498,7 @@ def test_checksum_negotiation(offered: set[ev.Checksum], chosen: ev.Checksum) ->
 )
 def test_server_may_choose_no_checksum(offered: set[ev.Checksum]) -> None:
     """negotiate(checksum=False): NONE whatever was offered, e.g. to send blocks by sendfile."""
-    hello = ev.Hello(1, 1, MAX_REQUEST, frozenset(offered), "t")
+    hello = ev.Hello(2, 2, MAX_REQUEST, frozenset(offered), "t")
     reply = negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s",
                       checksum=False)
     assert reply.checksum is ev.Checksum.NONE
@@ -503,7 +512,7 @@ def test_server_may_choose_no_checksum(offered: set[ev.Checksum]) -> None:
 
 
 def test_negotiate_chooses_crc32_by_default() -> None:
-    hello = ev.Hello(1, 1, MAX_REQUEST, frozenset({ev.Checksum.CRC32}), "t")
+    hello = ev.Hello(2, 2, MAX_REQUEST, frozenset({ev.Checksum.CRC32}), "t")
     reply = negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s")
     assert reply.checksum is ev.Checksum.CRC32
     explicit = negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s",
@@ -513,8 +522,8 @@ def test_negotiate_chooses_crc32_by_default() -> None:
 
 def test_checksum_not_offered_is_refused() -> None:
     pair = ConnectionPair()
-    pair.exchange(C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "t"))
-    reply = ev.HelloReply(1, MAX_REQUEST, 4, ev.Checksum.CRC32, "s")
+    pair.exchange(C, ev.Hello(2, 2, MAX_REQUEST, frozenset(), "t"))
+    reply = ev.HelloReply(2, MAX_REQUEST, 4, ev.Checksum.CRC32, "s")
     refused_on_send(pair.server, reply, ErrorCode.MALFORMED)
     refused_on_receive(pair.client, encode(reply), ErrorCode.MALFORMED)
 
@@ -524,7 +533,7 @@ def test_checksum_not_offered_is_refused() -> None:
 
 def test_version_negotiation_failure() -> None:
     pair = ConnectionPair()
-    hello = pair.exchange(C, ev.Hello(2, 5, MAX_REQUEST, frozenset(), "pvs-target/9"))
+    hello = pair.exchange(C, ev.Hello(3, 5, MAX_REQUEST, frozenset(), "pvs-target/9"))
     assert isinstance(hello, ev.Hello)
     with pytest.raises(RemoteProtocolError) as caught:
         negotiate(hello, max_request=MAX_REQUEST, max_in_flight=4, server_name="s")
@@ -536,13 +545,13 @@ def test_version_negotiation_failure() -> None:
 
 def test_version_range_including_ours_is_accepted() -> None:
     reply = ConnectionPair().hello(ev.Hello(0, 9, MAX_REQUEST, frozenset(), "t"))
-    assert reply.version == wire.VERSION == 1
+    assert reply.version == wire.VERSION == 2
 
 
 def test_reply_with_a_version_not_offered() -> None:
     pair = ConnectionPair()
     pair.exchange(C, HELLO)
-    reply = ev.HelloReply(2, MAX_REQUEST, 4, ev.Checksum.CRC32, "s")
+    reply = ev.HelloReply(1, MAX_REQUEST, 4, ev.Checksum.CRC32, "s")
     refused_on_send(pair.server, reply, ErrorCode.UNSUPPORTED_VERSION)
     refused_on_receive(pair.client, encode(reply), ErrorCode.UNSUPPORTED_VERSION)
 
@@ -558,13 +567,13 @@ def test_reply_with_a_version_not_offered() -> None:
 )
 def test_max_request_is_the_smallest_limit(offered: int, server_limit: int, agreed: int) -> None:
     pair = ConnectionPair()
-    reply = pair.hello(ev.Hello(1, 1, offered, frozenset(), "t"), max_request=server_limit)
+    reply = pair.hello(ev.Hello(2, 2, offered, frozenset(), "t"), max_request=server_limit)
     assert reply.max_request == pair.client.max_request == pair.server.max_request == agreed
 
 
 def test_max_request_below_512_is_refused() -> None:
     with pytest.raises(RemoteProtocolError) as caught:
-        negotiate(ev.Hello(1, 1, 511, frozenset(), "t"), max_request=4096, max_in_flight=1,
+        negotiate(ev.Hello(2, 2, 511, frozenset(), "t"), max_request=4096, max_in_flight=1,
                   server_name="s")
     assert caught.value.code is ErrorCode.MALFORMED
 
@@ -576,8 +585,8 @@ def test_max_request_below_512_is_refused() -> None:
 def test_reply_outside_what_was_offered(max_request: int, max_in_flight: int) -> None:
     pair = ConnectionPair()
     pair.exchange(C, HELLO if max_request <= MAX_REQUEST + 1 else ev.Hello(
-        1, 1, 2**32 - 1, frozenset(), "t"))
-    reply = ev.HelloReply(1, max_request, max_in_flight, ev.Checksum.NONE, "s")
+        2, 2, 2**32 - 1, frozenset(), "t"))
+    reply = ev.HelloReply(2, max_request, max_in_flight, ev.Checksum.NONE, "s")
     refused_on_send(pair.server, reply, ErrorCode.MALFORMED)
     refused_on_receive(pair.client, encode(reply), ErrorCode.MALFORMED)
 
@@ -1026,9 +1035,9 @@ def test_goodbye_from_the_peer_is_not_a_breach() -> None:
 @pytest.mark.parametrize(
     ("phase", "role", "event"),
     [
-        (Phase.HELLO, C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "x" * (wire.MAX_STRING + 1))),
-        (Phase.HELLO, C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "é" * 513)),  # 1026 bytes
-        (Phase.HELLO, C, ev.Hello(1, 1, MAX_REQUEST, frozenset(), "\ud800")),  # not UTF-8
+        (Phase.HELLO, C, ev.Hello(2, 2, MAX_REQUEST, frozenset(), "x" * (wire.MAX_STRING + 1))),
+        (Phase.HELLO, C, ev.Hello(2, 2, MAX_REQUEST, frozenset(), "é" * 513)),  # 1026 bytes
+        (Phase.HELLO, C, ev.Hello(2, 2, MAX_REQUEST, frozenset(), "\ud800")),  # not UTF-8
         (Phase.HELLO, C, ev.Hello(1, 0x10000, MAX_REQUEST, frozenset(), "")),
         (Phase.LOGIN, C, ev.Login("d" * (wire.MAX_STRING + 1), "v")),
         (Phase.STREAMING, C, ev.Read(2**64, 0, 512)),

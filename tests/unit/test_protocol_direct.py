@@ -22,7 +22,7 @@ from pvs_protocol.errors import ErrorCode, RemoteProtocolError
 
 SIZE = 256 * 1024
 DATA = os.urandom(SIZE)
-HELLO = ev.Hello(1, 1, SIZE, frozenset({ev.Checksum.CRC32}), "pvs-target/test")
+HELLO = ev.Hello(2, 2, SIZE, frozenset({ev.Checksum.CRC32}), "pvs-target/test")
 
 
 def streaming_client(*lengths: int) -> Connection:

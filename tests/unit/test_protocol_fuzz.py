@@ -48,7 +48,8 @@ u64 = st.integers(0, 2**64 - 1)
 request_ids = st.one_of(st.integers(1, 8), st.integers(1, 2**64 - 1))
 texts = st.one_of(st.text(max_size=24), st.text(min_size=200, max_size=wire.MAX_STRING // 4))
 identities = st.builds(
-    ReplicaIdentity, u32, u64, u64, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)
+    ReplicaIdentity, u32, u64, u64, st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE),
+    st.integers(0, 31).map(lambda bits: 1 << bits),
 )
 checksum_sets = st.frozensets(st.sampled_from(ev.Checksum))
 modes = st.sampled_from([mode.code for mode in Mode])
@@ -94,12 +95,13 @@ def login_conversations(draw: st.DrawFn) -> Conversation:
 def streaming_conversations(draw: st.DrawFn) -> Conversation:
     """Requests up to max_in_flight, answered in any order, perhaps after a RELOGIN."""
     checksums = draw(checksum_sets)
-    hello = ev.Hello(1, 1, MAX_REQUEST, checksums, "fuzz")
+    hello = ev.Hello(2, 2, MAX_REQUEST, checksums, "fuzz")
     ids = draw(st.lists(request_ids, min_size=1, max_size=4, unique=True))
     blocks = st.binary(min_size=1, max_size=1024)
-    requests: list[ev.Read | ev.Write | ev.Flush] = [
+    requests: list[ev.Read | ev.Write | ev.Flush | ev.Digests] = [
         draw(st.one_of(
             st.builds(ev.Read, st.just(rid), u64, st.integers(1, 1024)),
+            st.builds(ev.Digests, st.just(rid), u8, u64, st.integers(1, wire.MAX_DIGEST_PAGE)),
             st.builds(ev.Write, st.just(rid), u64, blocks),
             st.builds(ev.Flush, st.just(rid)),
         ))
@@ -110,7 +112,7 @@ def streaming_conversations(draw: st.DrawFn) -> Conversation:
         if draw(st.booleans()):
             replies.append(ev.Error(request.request_id, draw(st.sampled_from(ErrorCode)),
                                     draw(texts)))
-        elif isinstance(request, ev.Read):
+        elif isinstance(request, ev.Read | ev.Digests):
             data = draw(st.binary(min_size=request.length, max_size=request.length))
             replies.append(ev.ReadData(request.request_id, data))
         else:
@@ -305,6 +307,8 @@ any_events: st.SearchStrategy[ev.Event] = st.one_of(
     st.builds(ev.ReadData, wide, st.binary(max_size=600)),
     st.builds(ev.Write, wide, wide, st.binary(max_size=600)),
     st.builds(ev.Flush, wide),
+    st.builds(ev.Digests, wide, wide, wide, wide),
+    st.builds(ev.Damaged, wide, any_texts),
     st.builds(ev.Done, wide),
     st.builds(ev.Error, wide, st.sampled_from(ErrorCode), any_texts),
     st.builds(ev.Relogin, wide, any_texts),
