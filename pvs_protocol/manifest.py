@@ -110,9 +110,8 @@ class Shape:
         if not 0 <= level < len(self.counts):
             raise ManifestError(f"no level {level} (the tree has {len(self.counts)})")
         count = self.counts[level]
-        if level == self.top_level and count == 0:
-            if page == 0:
-                return 0  # an empty image: the top page holds no digest
+        if level == self.top_level and count == 0 and page == 0:
+            return 0  # an empty image: the top page holds no digest
         if not 0 <= page < self.pages(level):
             raise ManifestError(f"no page {page} in level {level}")
         return min(FANOUT, count - page * FANOUT) * DIGEST_SIZE

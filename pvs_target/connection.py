@@ -47,6 +47,7 @@ and whoever is done with it (the NBD export, once the reply is written) gives it
 _PEEK = wire.HEADER_SIZE + max(wire.BLOCK_PREFIX.values())
 
 Reply = bytes | bytearray | memoryview | None
+_Request = ev.Read | ev.Write | ev.Flush | ev.Digests
 Done = Callable[["Reply | ClientError"], None]
 """Called with a request's answer, or with the error that ended it (see ``read_now``)."""
 
@@ -315,6 +316,39 @@ class StreamConnection(asyncio.BufferedProtocol):
         assert isinstance(data, bytes | bytearray)
         return data
 
+    async def digests(self, level: int, page: int, length: int) -> bytes | bytearray:
+        """Page ``page`` of ``level`` of the manifest tree of the replica logged in to
+        (``length`` bytes, which the caller knows from the tree's shape). It shares the
+        request slots with reads; what it returns is unproven until ``Verifier.add_page``."""
+        self._raise_if_failed()
+        if level < 0 or page < 0:
+            raise ValueError(f"no page {page} of level {level}")
+        if not 0 < length <= wire.MAX_DIGEST_PAGE:
+            raise ValueError(f"digest page of {length} bytes outside 1..{wire.MAX_DIGEST_PAGE}")
+        data = await self._request(lambda request_id: ev.Digests(request_id, level, page, length))
+        assert isinstance(data, bytes | bytearray)  # READ_DATA of that length (state machine)
+        return data
+
+    def report_damaged(self, block: int, message: str) -> None:
+        """Tell the server that its block ``block`` does not match the manifest (DAMAGED: no
+        answer). Sent at once, so that a GOODBYE that follows cannot overtake it; a no-op
+        on a connection that has ended, which has nobody left to tell."""
+        if self._failure is not None or self._protocol.phase is not Phase.STREAMING:
+            return
+        try:
+            self._send(ev.Damaged(block, message))
+        except ProtocolError as error:  # a message too long for the frame: say less
+            self._log.warning("damaged_not_sent", block=block, detail=str(error))
+
+    def end(self, code: ErrorCode, message: str) -> None:
+        """Say GOODBYE with ``code`` and close without waiting: what was sent before (a
+        DAMAGED report) still leaves, unlike with ``abort``. Every waiter fails now."""
+        self._fail(
+            ConnectionLost(f"connection to {self.server} was closed by the target: {message}",
+                           code=code),
+            goodbye=ev.Goodbye(code, message),
+        )
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (a Standard Image server refuses with READ_ONLY)."""
         self._check_request(offset, len(data))
@@ -381,7 +415,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             offset, length, done = waiting.popleft()
             self._send_request(_reading(offset, length), done)
 
-    async def _request(self, build: Callable[[int], ev.Read | ev.Write | ev.Flush]) -> Reply:
+    async def _request(self, build: Callable[[int], _Request]) -> Reply:
         self._check_streaming()
         slots = self._slots
         assert slots is not None  # set by hello(), which streaming requires
@@ -400,7 +434,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         return await future
 
     def _send_request(
-        self, build: Callable[[int], ev.Read | ev.Write | ev.Flush],
+        self, build: Callable[[int], _Request],
         waiter: asyncio.Future[Reply] | Done,
     ) -> None:
         """Send a request for which a slot is taken (and given back on any failure here); its

@@ -103,6 +103,7 @@ class AdminServer:
             web.post("/v1/servers/{name}/stop-stream", self._stream),
             web.post("/v1/servers/{name}/start-stream", self._stream),
             web.get("/v1/local/targets", self._local_targets),
+            web.get("/v1/local/vdisks", self._local_vdisks),
             web.post("/v1/local/vdisks/{name}/settings", self._local_settings),
             web.post("/v1/local/stop-stream", self._local_stream),
             web.post("/v1/local/start-stream", self._local_stream),
@@ -203,7 +204,20 @@ class AdminServer:
         return web.json_response({"servers": self.servers_report()})
 
     async def _vdisks(self, request: web.Request) -> web.Response:
-        return web.json_response({"vdisks": replication_report(self._holders())})
+        """The coordination view gives every copy's status at once; each up server adds what
+        only it knows of its copies (what found a damage and when, scrub progress). A peer
+        that does not answer costs its detail and one error entry, never the status."""
+        local: dict[str, JSON] = {self.config.name: self.local_vdisks()}
+        errors: list[JSON] = []
+        answers = await self._fan_out("GET", "/v1/local/vdisks", None, PEER_TIMEOUT)
+        for name, address, answer in answers:
+            vdisks = answer.get("vdisks") if not isinstance(answer, PeerError) else None
+            if isinstance(vdisks, dict):
+                local[name] = vdisks
+            else:
+                errors.append({"server": name, "admin_address": address, "error": str(answer)})
+        report = replication_report(self._holders(local))
+        return web.json_response({"vdisks": report, "errors": errors})
 
     async def _targets(self, request: web.Request) -> web.Response:
         targets = self.local_targets()
@@ -323,6 +337,9 @@ class AdminServer:
 
     async def _local_targets(self, request: web.Request) -> web.Response:
         return web.json_response({"targets": self.local_targets()})
+
+    async def _local_vdisks(self, request: web.Request) -> web.Response:
+        return web.json_response({"server": self.config.name, "vdisks": self.local_vdisks()})
 
     async def _local_settings(self, request: web.Request) -> web.Response:
         name = _vdisk_name(request)
@@ -444,15 +461,32 @@ class AdminServer:
                 })
         return servers
 
-    def _holders(self) -> list[Holder]:
+    def local_vdisks(self) -> dict[str, JSON]:
+        """What only this server knows of its copies: damage detail and scrub progress."""
+        return {
+            name: {"damage": damage_json(vdisk), "scrub": scrub_json(vdisk)}
+            for name, vdisk in self.server.catalog.items()
+        }
+
+    def _holders(self, local: dict[str, JSON] | None = None) -> list[Holder]:
+        local = local or {}
+
+        def detail(server: str, vdisk: str) -> JSON | None:
+            value = local.get(server, {}).get(vdisk)
+            return value if isinstance(value, dict) else None
+
+        name = self.config.name
         holders = [
-            Holder(self.config.name, self.server.state.value, entry, is_self=True)
+            Holder(name, self.server.state.value, entry, True, detail(name, entry.vdisk))
             for entry in self.server.local_state().replicas.values()
         ]
         site = self.server.site
         for peer in site.peers.values() if site is not None else ():
             state = _peer_state(peer)
-            holders += [Holder(peer.name, state, entry) for entry in peer.inventory.values()]
+            holders += [
+                Holder(peer.name, state, entry, False, detail(peer.name, entry.vdisk))
+                for entry in peer.inventory.values()
+            ]
         return holders
 
     def _known_properties(self, name: str) -> VDiskProperties:

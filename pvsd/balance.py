@@ -1,11 +1,14 @@
 """Which server streams a vDisk to a target: a pure function of the site view.
 
 The rules, in the order they apply:
-1. Only servers that are up, serving, and hold a replica whose identity is known qualify.
+1. Only servers that are up, serving, and hold a replica whose identity is known and that is
+   not damaged (content found not to match its manifest) qualify.
 2. Load balancing off: only the vDisk's fixed server qualifies (and there is no failover).
 3. A target with a pinned identity (it has streamed before) only goes to identical replicas.
-   A new target goes to the replica set an administrator most likely means: the highest
-   version, then the one most servers hold, then the newest timestamp.
+   A new target goes to the version an administrator made last: the highest version, then the
+   newest manifest (creation time); how many servers hold it only breaks a tie of both. Copies
+   are not counted as votes: two copies of a damaged or stale image must not outvote one good
+   copy of the version the administrator made.
 4. Subnet affinity: best effort prefers servers on the target's subnet; fixed allows only them.
 5. A server the target names as just lost is skipped (the target names it only for a few
    seconds, until the site has had time to notice; load balancing off ignores it).
@@ -38,6 +41,13 @@ class Replica:
     fixed_server: str = ""
     affinity: SubnetAffinity = SubnetAffinity.none
     shared: bool = False
+    damaged: bool = False
+    """The server found this copy's content not to match its manifest: never a candidate."""
+
+    @property
+    def candidate(self) -> bool:
+        """Whether this copy may be given to a target at all (placement still picks which)."""
+        return self.identity is not None and not self.damaged
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,8 +113,7 @@ def choose(
             ErrorCode.UNKNOWN_VDISK, f"no server of the site holds a vDisk named {vdisk!r}"
         )
     ready = [
-        s for s in servers
-        if s.serving and vdisk in s.replicas and s.replicas[vdisk].identity is not None
+        s for s in servers if s.serving and vdisk in s.replicas and s.replicas[vdisk].candidate
     ]
     if not settings.load_balancing:
         ready = [s for s in ready if s.name == settings.fixed_server]
@@ -112,15 +121,11 @@ def choose(
             return Refusal(
                 ErrorCode.NO_IDENTICAL_REPLICA,
                 f"{vdisk} is served only by {settings.fixed_server or '(no fixed server set)'} "
-                "(load balancing off), which is not serving it now: start its stream service, or "
-                "turn load balancing on",
+                "(load balancing off), which cannot serve it now (stopped, still checking its "
+                "copy, or its copy is damaged): see pvsctl vdisks, or turn load balancing on",
             )
     if not ready:
-        return Refusal(
-            ErrorCode.IDENTITY_PENDING if any(vdisk in s.replicas for s in servers if s.serving)
-            else ErrorCode.NO_IDENTICAL_REPLICA,
-            f"no serving server has a verified replica of {vdisk} right now: retry shortly",
-        )
+        return _nothing_ready(servers, vdisk)
     wanted = pinned if pinned is not None else preferred_identity(
         s.replicas[vdisk].identity for s in ready
     )
@@ -129,10 +134,16 @@ def choose(
         if s.replicas[vdisk].identity == wanted and (s.name != avoid or not settings.load_balancing)
     ]
     if not identical:
+        damaged = any(
+            r.damaged and r.identity == wanted
+            for r in (s.replicas.get(vdisk) for s in servers if s.serving) if r is not None
+        )
         return Refusal(
             ErrorCode.NO_IDENTICAL_REPLICA,
             f"no serving server holds a replica of {vdisk} identical to the one this target "
-            f"streamed ({wanted.short if wanted else '?'}); it waits rather than read other bytes",
+            f"streamed ({wanted.short if wanted else '?'})"
+            + (" that is not damaged" if damaged else "")
+            + "; it waits rather than read other bytes",
         )
     local = on_subnet(identical, target_ip)
     if settings.affinity is SubnetAffinity.fixed:
@@ -151,11 +162,38 @@ def choose(
     return Placement(best.name, best.address, identity, failover_allowed(settings))
 
 
+def _nothing_ready(servers: Sequence[ServerView], vdisk: str) -> Refusal:
+    """Why no serving server can take a target: still hashing (retry), or only damaged copies
+    (the administrator must replace them)."""
+    held = [s.replicas[vdisk] for s in servers if s.serving and vdisk in s.replicas]
+    if any(r.identity is None and not r.damaged for r in held):
+        return Refusal(
+            ErrorCode.IDENTITY_PENDING,
+            f"no serving server has a verified replica of {vdisk} right now: retry shortly",
+        )
+    if held:
+        return Refusal(
+            ErrorCode.NO_IDENTICAL_REPLICA,
+            f"every serving replica of {vdisk} is damaged (its content does not match its "
+            "manifest): replace it with a good copy (see pvsctl vdisks)",
+        )
+    return Refusal(
+        ErrorCode.NO_IDENTICAL_REPLICA,
+        f"no serving server has a verified replica of {vdisk} right now: retry shortly",
+    )
+
+
 def preferred_identity(identities: Iterable[ReplicaIdentity | None]) -> ReplicaIdentity | None:
+    """The version a new target gets: the highest version, then the newest manifest.
+
+    The callers pass only copies that are not damaged. How many copies carry an identity only
+    breaks a tie of version and creation time (two manifests made in the same nanosecond), so
+    that every server still decides the same way.
+    """
     counts = Counter(i for i in identities if i is not None)
     if not counts:
         return None
-    return max(counts, key=lambda i: (i.version, counts[i], i.timestamp_ns))
+    return max(counts, key=lambda i: (i.version, i.timestamp_ns, counts[i], i.digest))
 
 
 def on_subnet(servers: Sequence[ServerView], target_ip: str | None) -> list[ServerView]:

@@ -1,16 +1,28 @@
-"""Replication status: which servers hold which copy of each vDisk, and whether it matches.
+"""Replication status: which servers hold which copy of each vDisk, and whether it is good.
 
 Pure functions of the site view, so that the admin API and its tests share one definition of
-"identical", "different (and why)" and "pending".
+each status a copy can have:
+
+- ``identical``: it carries the reference manifest (and its server found no damage);
+- ``different``: it carries another manifest, another version; ``differences`` names the
+  fields (version, timestamp, size, block size; content only when nothing else differs);
+- ``damaged``: its server found content that does not match its own manifest; ``damage``
+  says where (first bad offset), how much (bad blocks), found by what and since when;
+- ``pending``: its server is still reading its manifest or checking the copy.
+
+The reference is the manifest a new target would get (`balance.preferred_identity`) among the
+copies that are not damaged, on servers that are up: never a vote, so a damaged copy never
+becomes the reference, whatever its number of copies or its timestamps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pvs_protocol import coordination as co
+from pvs_protocol.identity import ReplicaIdentity
 from pvsd import balance
 from pvsd.site import replica_of
 
@@ -26,39 +38,89 @@ class Holder:
     """serving, stopping, stopped, or down (not heard from recently)."""
     entry: co.ReplicaEntry
     is_self: bool = False
+    local: Mapping[str, Any] | None = None
+    """What the server itself says of its copy (``damage`` with found_by and since, ``scrub``
+    progress), or None when it was not asked or did not answer in time: the coordination
+    entry alone still gives the status."""
 
+
+def reference_of(holders: Iterable[Holder]) -> ReplicaIdentity | None:
+    """The manifest copies are compared with: the preferred one among copies that are not
+    damaged, on servers that are up if any of them has one."""
+    good = [h for h in holders if not h.entry.damaged]
+    up = [h.entry.identity for h in good if h.state != "down"]
+    return balance.preferred_identity(up) or balance.preferred_identity(
+        h.entry.identity for h in good
+    )
+
+
+def status_of(
+    entry: co.ReplicaEntry, reference: ReplicaIdentity | None
+) -> tuple[str, list[str]]:
+    """A copy's status and, for ``different``, the fields in which its manifest differs."""
+    if entry.damaged:
+        return "damaged", []
+    identity = entry.identity
+    if identity is None or reference is None:
+        return "pending", []
+    reasons = manifest_differences(reference, identity)
+    return ("different", reasons) if reasons else ("identical", [])
+
+
+def manifest_differences(reference: ReplicaIdentity, other: ReplicaIdentity) -> list[str]:
+    """The fields in which ``other``'s manifest differs from the reference's.
+
+    The root covers version and creation time, so once one of those differs the roots differ
+    too and say nothing of the blocks: "content" is named only when it is the one difference
+    (same version made at the same time, other bytes: a copy that was changed and whose
+    manifest was made again from it, or two images adopted with the same mtime).
+    """
+    names = reference.differences(other)
+    if names == ["content"]:
+        return names
+    return [name for name in names if name != "content"]
+
+
+def damage_of(holder: Holder) -> JSON | None:
+    """Where the copy is damaged: from the coordination entry, with the server's own detail
+    (what found it, since when) when it told us."""
+    entry = holder.entry
+    if not entry.damaged:
+        return None
+    detail = holder.local.get("damage") if holder.local is not None else None
+    detail = detail if isinstance(detail, Mapping) else {}
+    return {
+        "first_offset": entry.damaged_at,
+        "bad_blocks": entry.bad_blocks,
+        "block_size": entry.identity.block_size if entry.identity is not None else None,
+        "found_by": detail.get("found_by"),
+        "since": detail.get("since"),
+    }
 
 
 def replication_report(holders: Iterable[Holder]) -> list[JSON]:
-    """Per vDisk: who holds which identity, and whether it matches the site's reference copy.
-
-    The reference is the identity placement would give a new target
-    (`balance.preferred_identity` over the servers that are up).
-    """
+    """Per vDisk: who holds which manifest, and whether each copy matches the reference."""
     by_vdisk: dict[str, list[Holder]] = {}
     for holder in holders:
         by_vdisk.setdefault(holder.entry.vdisk, []).append(holder)
     report = []
     for name in sorted(by_vdisk):
         group = sorted(by_vdisk[name], key=lambda h: (not h.is_self, h.server))
-        up = [h for h in group if h.state != "down"]
-        reference = balance.preferred_identity(h.entry.identity for h in up or group)
+        reference = reference_of(group)
         settings = settings_of(group[0].entry)
         replicas = []
         for holder in sorted(group, key=lambda h: h.server):
             identity = holder.entry.identity
-            reasons: list[str] = []
-            if identity is None or reference is None:
-                status = "pending"
-            else:
-                reasons = reference.differences(identity)
-                status = "different" if reasons else "identical"
+            status, reasons = status_of(holder.entry, reference)
             own = settings_of(holder.entry)
+            scrub = holder.local.get("scrub") if holder.local is not None else None
             replicas.append({
                 "server": holder.server, "self": holder.is_self, "server_state": holder.state,
                 "identity": identity.to_json() if identity is not None else None,
                 "short": identity.short if identity is not None else "pending",
-                "status": status, "differences": reasons, "settings": own,
+                "status": status, "differences": reasons, "damage": damage_of(holder),
+                "scrub": scrub if isinstance(scrub, Mapping) else None,
+                "settings": own,
                 "settings_differ": sorted(k for k in own if own[k] != settings[k]),
             })
         candidates = [
@@ -72,12 +134,12 @@ def replication_report(holders: Iterable[Holder]) -> list[JSON]:
             "reference_short": reference.short if reference is not None else None,
             "settings": settings,
             "replicas": replicas,
+            "damaged": [r["server"] for r in replicas if r["status"] == "damaged"],
             "failover_candidates": candidates,
             "failover_allowed": failover,
             "high_availability": failover and len(candidates) >= 2,
         })
     return report
-
 
 
 def settings_of(entry: co.ReplicaEntry) -> JSON:

@@ -15,7 +15,7 @@ import dataclasses
 import ipaddress
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -260,20 +260,37 @@ class Site(asyncio.DatagramProtocol):
         return servers
 
 
+class Damage(Protocol):
+    """What the site tells of a damaged replica (the store's record has more)."""
+
+    @property
+    def first_offset(self) -> int: ...
+
+    @property
+    def bad_blocks(self) -> int: ...
+
+
 def replica_of(entry: co.ReplicaEntry) -> Replica:
     return Replica(
         identity=entry.identity, mode=Mode.from_code(entry.mode), maintenance=entry.maintenance,
         load_balancing=entry.load_balancing, fixed_server=entry.fixed_server,
         affinity=SubnetAffinity.from_code(entry.affinity), shared=entry.shared,
+        damaged=entry.damaged,
     )
 
 
 def replica_entry(
     name: str, identity: ReplicaIdentity | None, *, mode: Mode, maintenance: bool,
     load_balancing: bool, fixed_server: str, affinity: SubnetAffinity, shared: bool,
+    damage: Damage | None = None,
 ) -> co.ReplicaEntry:
+    """Our inventory entry for one replica. A damaged replica keeps advertising its identity,
+    so that the admin sees which version went bad, but its damage makes it no candidate."""
     return co.ReplicaEntry(
-        name, mode.code, maintenance, load_balancing, affinity.code, fixed_server, shared, identity
+        name, mode.code, maintenance, load_balancing, affinity.code, fixed_server, shared,
+        identity,
+        damaged_at=-1 if damage is None else max(damage.first_offset, 0),
+        bad_blocks=0 if damage is None else max(damage.bad_blocks, 1),
     )
 
 

@@ -14,7 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 _STATE_STYLE = {"serving": "green", "stopping": "yellow", "stopped": "yellow", "down": "red"}
-_STATUS_STYLE = {"identical": "green", "different": "red", "pending": "yellow"}
+_STATUS_STYLE = {
+    "identical": "green", "different": "red", "damaged": "bold red", "pending": "yellow",
+}
 
 
 def servers_table(servers: Sequence[Mapping[str, Any]]) -> Table:
@@ -45,9 +47,10 @@ def servers_table(servers: Sequence[Mapping[str, Any]]) -> Table:
 def vdisks_table(vdisks: Sequence[Mapping[str, Any]]) -> Table:
     """One replication screen: per vDisk a row per server holding it."""
     table = Table(
-        "vDisk", "Server", "Identity", "Status", "Settings", "Failover",
-        caption="status is against the reference identity: the highest version, held by most "
-        "servers, newest", caption_justify="left",
+        "vDisk", "Server", "Identity", "Status", "Scrub", "Settings", "Failover",
+        caption="status is against the reference manifest: the highest version, then the newest, "
+        "among copies that are not damaged; a damaged copy is never served: copy the image and "
+        "its manifest from a server showing identical over it", caption_justify="left",
     )
     for index, vdisk in enumerate(vdisks):
         if index:
@@ -62,6 +65,7 @@ def vdisks_table(vdisks: Sequence[Mapping[str, Any]]) -> Table:
                 server,
                 str(replica.get("short", "")),
                 _status(replica),
+                scrub_text(replica.get("scrub")),
                 _settings_text(replica.get("settings", {}), replica.get("settings_differ", [])),
                 _failover(vdisk, replica, candidates),
             )
@@ -135,8 +139,44 @@ def _status(replica: Mapping[str, Any]) -> Text:
     if status == "different":
         label += f" ({', '.join(replica.get('differences', ()))})"
     elif status == "pending":
-        label += " (hashing)"
+        label += " (checking)"
+    elif status == "damaged":
+        label = damage_text(replica.get("damage") or {})
     return Text(label, style=_STATUS_STYLE.get(status, ""))
+
+
+def damage_text(damage: Mapping[str, Any]) -> str:
+    """``DAMAGED at 0x4000 (block 1), 3 bad blocks, found by scrub``: where to look, at once."""
+    offset = damage.get("first_offset")
+    label = "DAMAGED"
+    if isinstance(offset, int) and offset >= 0:
+        label += f" at offset {offset}"
+        block_size = damage.get("block_size")
+        if isinstance(block_size, int) and block_size > 0:
+            label += f" (block {offset // block_size})"
+    count = damage.get("bad_blocks")
+    if isinstance(count, int) and count > 0:
+        label += f", {count} bad block{'s' if count != 1 else ''}"
+    found_by = damage.get("found_by")
+    if found_by:
+        label += f", found by {found_by}"
+    since = damage.get("since")
+    if isinstance(since, str) and since:
+        label += f" since {_local_time(since)}"
+    return label
+
+
+def scrub_text(scrub: object) -> str:
+    """The server's check of this copy: running (percent) or when it last finished."""
+    if not isinstance(scrub, Mapping):
+        return "-"
+    done, total = scrub.get("done"), scrub.get("total")
+    if scrub.get("running") and isinstance(done, int) and isinstance(total, int):
+        return f"{100 * done / total:.0f}%" if total else "running"
+    finished = scrub.get("last_finished")
+    if isinstance(finished, str) and finished:
+        return f"checked {_local_time(finished)}"
+    return "not yet"
 
 
 def _settings_text(settings: Mapping[str, Any], differ: Sequence[str]) -> Text:
