@@ -53,7 +53,9 @@ _SENDABLE: dict[tuple[Role, Phase], tuple[type, ...]] = {
     ),
     (Role.SERVER, Phase.HELLO): (ev.HelloReply, ev.Goodbye),
     (Role.SERVER, Phase.LOGIN): (ev.LoginOk, ev.Redirect, ev.Error, *_ALWAYS),
-    (Role.SERVER, Phase.STREAMING): (ev.ReadData, ev.Done, ev.Error, ev.Relogin, *_ALWAYS),
+    (Role.SERVER, Phase.STREAMING): (
+        ev.ReadData, ev.Done, ev.Error, ev.Relogin, ev.SiteUpdate, *_ALWAYS,
+    ),
 }
 _CLIENT_FRAMES = frozenset(t for t in wire.FrameType if t < 0x80)
 _BLOCK_FRAMES = frozenset({wire.FrameType.READ_DATA, wire.FrameType.WRITE})

@@ -159,6 +159,14 @@ class Relogin:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SiteUpdate:
+    """The servers of the site that serve now changed: a streaming target learns of servers
+    started after its login, and stops counting on those that left."""
+
+    site: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Keepalive:
     token: int
     reply: bool = False
@@ -173,7 +181,7 @@ class Goodbye:
 
 Event = (
     Hello | HelloReply | Login | LoginOk | Redirect | Read | ReadData | Write | Flush | Digests
-    | Damaged | Done | Error | Relogin | Keepalive | Goodbye
+    | Damaged | Done | Error | Relogin | SiteUpdate | Keepalive | Goodbye
 )
 
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - an optional speed-up
 
 MAGIC = 0x5056  # "PV"
 VERSION = 2
-"""2: manifest identities (56 bytes), DIGESTS and DAMAGED; version 1 is retired."""
+"""2: manifest identities (56 bytes), DIGESTS, DAMAGED and SITE; version 1 is retired."""
 HEADER = struct.Struct(">HBBIQ")  # magic, type, flags, payload length, request id
 HEADER_SIZE = HEADER.size  # 16
 HANDSHAKE_MAX_PAYLOAD = 4096
@@ -56,6 +56,7 @@ class FrameType(enum.IntEnum):
     DONE = 0x85
     ERROR = 0x86
     RELOGIN = 0x87
+    SITE = 0x88
 
 
 _IDENTITY = struct.Struct(f">IQQI{DIGEST_SIZE}s")
@@ -218,6 +219,8 @@ def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:
         case ev.Relogin(deadline_ms, reason, site):
             body = _U32.pack(deadline_ms) + _string(reason) + _addresses(site)
             return FrameType.RELOGIN, body, 0, 0
+        case ev.SiteUpdate(site):
+            return FrameType.SITE, _addresses(site), 0, 0
         case ev.Keepalive(token, reply):
             return FrameType.KEEPALIVE, _U64.pack(token), 0, FLAG_REPLY if reply else 0
         case ev.Goodbye(code, message):
@@ -364,6 +367,7 @@ _DECODERS: dict[FrameType, Callable[[_Reader, int, int, ev.Checksum], ev.Event]]
     FrameType.DONE: lambda r, request_id, _f, _c: ev.Done(request_id),
     FrameType.ERROR: _error,
     FrameType.RELOGIN: _relogin,
+    FrameType.SITE: lambda r, _id, _f, _c: ev.SiteUpdate(r.addresses()),
     FrameType.KEEPALIVE: _keepalive,
     FrameType.GOODBYE: _goodbye,
 }

@@ -98,6 +98,7 @@ SCENARIOS: dict[str, tuple[Phase, list[Step]]] = {
     ),
     "damaged": (Phase.STREAMING, [(C, ev.Damaged(2**64 - 1, "block 9 does not match"))]),
     "relogin": (Phase.STREAMING, [(S, ev.Relogin(5000, "pvs-a is stopping"))]),
+    "site": (Phase.STREAMING, [(S, ev.SiteUpdate(("10.0.0.2:6910", "[fd00::5]:6910")))]),
     "connection-error": (Phase.STREAMING, [(S, ev.Error(0, ErrorCode.INTERNAL, "bug"))]),
     "keepalive-from-server": (
         Phase.STREAMING, [(S, ev.Keepalive(2**64 - 1)), (C, ev.Keepalive(2**64 - 1, True))]
@@ -298,7 +299,7 @@ def test_bad_magic(role: Role) -> None:
     refused_on_receive(Connection(role), header, ErrorCode.MALFORMED)
 
 
-@pytest.mark.parametrize("type_code", [0x00, 0x08, 0x42, 0x80, 0x88, 0xFF])
+@pytest.mark.parametrize("type_code", [0x00, 0x08, 0x42, 0x80, 0x89, 0xFF])
 def test_unknown_frame_type(type_code: int) -> None:
     refused_on_receive(Connection(S), frame(type_code, length=0), ErrorCode.UNKNOWN_TYPE)
 

@@ -312,6 +312,7 @@ any_events: st.SearchStrategy[ev.Event] = st.one_of(
     st.builds(ev.Done, wide),
     st.builds(ev.Error, wide, st.sampled_from(ErrorCode), any_texts),
     st.builds(ev.Relogin, wide, any_texts),
+    st.builds(ev.SiteUpdate, st.lists(texts, max_size=20).map(tuple)),
     st.builds(ev.Keepalive, wide, st.booleans()),
     st.builds(ev.Goodbye, wide, any_texts),
 )
