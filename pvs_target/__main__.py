@@ -5,7 +5,8 @@
     pvs-target status --json
 
 Results go to stdout (one JSON object with --json); progress, logs and errors to stderr. Exit
-status: 0 done, 1 the data read does not match the replica's digest, 2 any other failure.
+status: 0 done, 1 a Standard Image could not be read whole with every block matching the
+manifest root pinned at login (no server left that sends good data), 2 any other failure.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -38,12 +40,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from pvs_protocol.errors import ErrorCode
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_target.address import parse_address
 from pvs_target.attach import add_commands
 from pvs_target.client import ClientError, Session, login, read_range
 from pvs_target.loop import loop_name, run
 from pvs_target.units import parse_size
+from pvs_target.verify import BlockMismatch, ReadVerifier
 
 EXIT_OK, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -69,9 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     read = commands.add_parser(
-        "read", help="copy a whole vDisk and check it against its digest",
-        description="Stream a whole vDisk, hash it on the way, and compare the SHA-256 with "
-        "the replica identity the server announced.",
+        "read", help="copy a whole vDisk, checking every block against its manifest",
+        description="Stream a whole vDisk and check every block as it arrives against the "
+        "manifest whose root the login pinned; a server that sends a bad block is told, "
+        "dropped, and the rest is read from another server.",
     )
     read.add_argument(
         "--server", action="append", required=True, type=_address, metavar="HOST:PORT",
@@ -117,54 +122,119 @@ class ReadReport:
     bytes_read: int
     seconds: float
     sha256: str
+    """Of what was read, for the admin's convenience: the manifest root is the proof."""
     loop: str
+    verification: ReadVerifier | None
+    """None for a Private Image, whose manifest changes with every write."""
 
     @property
     def verified(self) -> bool:
-        return self.sha256 == self.session.identity.digest.hex()
+        """Every byte of the image was read, and each block was checked before it was kept."""
+        return self.verification is not None and self.bytes_read == self.session.size
 
     @property
     def mb_per_second(self) -> float:
         return self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
+class NoGoodServer(ClientError):
+    """A server sent data that does not match the manifest and no other would stream it."""
+
+
 def _read_command(args: argparse.Namespace) -> int:
     try:
         report = run(_read(args), use_uvloop=not args.no_uvloop)
+    except NoGoodServer as error:
+        print(f"pvs-target: error: {error}", file=sys.stderr)
+        return EXIT_MISMATCH
     except (ClientError, OSError) as error:
         return _error(str(error))
     if args.json:
         print(json.dumps(_report_json(report, args), sort_keys=True))
     else:
         _print_report(report)
-    return EXIT_OK if report.verified else EXIT_MISMATCH
+    if report.verified or report.verification is None:
+        return EXIT_OK
+    return EXIT_MISMATCH
 
 
 async def _read(args: argparse.Namespace) -> ReadReport:
-    session = await login(
-        args.server, args.vdisk, args.device_id, max_request=args.chunk,
-        checksum=not args.no_checksum, connect_timeout=args.connect_timeout,
-    )
+    session = await _login(args, args.server, None, "")
+    verification = ReadVerifier(session.identity) if session.read_only else None
     try:
         with _open_output(args.output) as output, _progress(args) as progress:
             task = progress.add_task(f"{args.vdisk} from {session.server_name}", total=session.size)
             consumer = _Consumer(output, progress, task)
             start = time.perf_counter()
             try:
-                await read_range(
-                    session, 0, session.size, chunk=args.chunk, depth=args.depth, sink=consumer
-                )
+                session = await _read_all(args, session, verification, consumer)
                 await consumer.drain()
             finally:
                 consumer.close()
             seconds = time.perf_counter() - start
+    except NoGoodServer:
+        raise
     except ClientError as error:
         raise ClientError(
             f"reading {args.vdisk!r} from {session.connected_to} failed: {error}"
         ) from error
     finally:
         await session.close()
-    return ReadReport(session, session.size, seconds, consumer.sha256.hexdigest(), loop_name())
+    return ReadReport(
+        session, consumer.position, seconds, consumer.sha256.hexdigest(), loop_name(),
+        verification,
+    )
+
+
+async def _login(
+    args: argparse.Namespace, servers: Sequence[str], pinned: ReplicaIdentity | None,
+    avoid: str,
+) -> Session:
+    return await login(
+        servers, args.vdisk, args.device_id, pinned=pinned, max_request=args.chunk,
+        checksum=not args.no_checksum, connect_timeout=args.connect_timeout, avoid=avoid,
+    )
+
+
+async def _read_all(
+    args: argparse.Namespace, session: Session, verification: ReadVerifier | None,
+    consumer: _Consumer,
+) -> Session:
+    """Read the whole image into ``consumer``; on a block that fails its check, drop that
+    server, log in elsewhere (pinned, the site asked to avoid it) and go on from the first
+    byte not yet kept. Returns the session the read ended on."""
+    while True:
+        chunk = min(args.chunk, session.max_request)
+        read = None
+        if verification is not None:  # whole blocks per chunk: each is checked at once
+            block_size = verification.shape.block_size
+            chunk = max(block_size, chunk - chunk % block_size)
+            read = functools.partial(verification.read, session.connection)
+        try:
+            await read_range(
+                session, consumer.position, session.size - consumer.position, chunk=chunk,
+                depth=args.depth, sink=consumer, read=read,
+            )
+            return session
+        except BlockMismatch as error:
+            assert verification is not None
+            verification.record(error)
+            await session.connection.close(
+                ErrorCode.NO_IDENTICAL_REPLICA, f"block {error.block} does not match the manifest"
+            )
+            await consumer.drain()
+            servers = [s for s in args.server if s not in verification.dropped.values()]
+            if not servers:
+                raise NoGoodServer(f"{error}; no other server to read from") from None
+            try:
+                session = await _login(args, servers, verification.identity, error.server)
+            except ClientError as failure:
+                raise NoGoodServer(f"{error}; no other server would stream it: {failure}") from None
+            if session.server_name in verification.dropped:
+                await session.connection.close(ErrorCode.NO_IDENTICAL_REPLICA, "damaged replica")
+                raise NoGoodServer(
+                    f"{error}; the site sent the target back to {session.server_name}"
+                ) from None
 
 
 class _Consumer:
@@ -181,8 +251,11 @@ class _Consumer:
         self._backlog = backlog
         self._queued: deque[asyncio.Future[None]] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="pvs-target-digest")
+        self.position = 0
+        """Bytes kept so far, in order: where a read that had to move goes on from."""
 
     async def __call__(self, offset: int, data: bytes | bytearray) -> None:
+        self.position = offset + len(data)
         loop = asyncio.get_running_loop()
         self._queued.append(loop.run_in_executor(self._worker, self._consume, data))
         self._progress.update(self._task, advance=len(data))
@@ -237,17 +310,29 @@ def _print_report(report: ReadReport) -> None:
         f"{report.mb_per_second:.1f} MB/s ({report.loop}, checksum "
         f"{session.connection.checksum.name})"
     )
-    print(f"sha256 {report.sha256}")
+    print(f"sha256    {report.sha256} (of what was read)")
+    verification = report.verification
+    if verification is None:
+        print("verified: no (a Private Image is not checked: its manifest changes with writes)")
+        return
+    print(
+        f"checked   {verification.blocks_checked} blocks of {identity.block_size} bytes, "
+        f"{verification.pages_fetched} digest pages"
+    )
+    for name, address in verification.dropped.items():
+        print(f"DROPPED   {name} at {address}: it sent data that does not match the manifest")
     if report.verified:
-        print("verified: the data read matches the replica identity's digest")
+        print("verified: true (every block matched the manifest root pinned at login)")
     else:
-        print(f"MISMATCH: the replica identity's digest is {identity.digest.hex()}")
+        print(f"verified: false (only {report.bytes_read} of {identity.size} bytes were kept)")
 
 
 def _identity_line(identity: ReplicaIdentity) -> str:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(identity.timestamp_ns / 1e9))
     return (
-        f"version {identity.version}, {identity.size} bytes, "
-        f"digest {identity.digest.hex()}, timestamp_ns {identity.timestamp_ns}"
+        f"version {identity.version}, {identity.size} bytes, manifest root "
+        f"{identity.digest.hex()}, created {created} ({identity.timestamp_ns} ns), "
+        f"block size {identity.block_size}"
     )
 
 
@@ -268,6 +353,16 @@ def _report_json(report: ReadReport, args: argparse.Namespace) -> dict[str, obje
         "mb_per_s": round(report.mb_per_second, 1),
         "sha256": report.sha256,
         "verified": report.verified,
+        "manifest": {
+            "root": session.identity.digest.hex(),
+            "version": session.identity.version,
+            "created_ns": session.identity.timestamp_ns,
+            "block_size": session.identity.block_size,
+        },
+        "verification": (
+            report.verification.status() if report.verification is not None
+            else {"enabled": False, "reason": "Private Image"}
+        ),
         "checksum": session.connection.checksum.name,
         "chunk": min(args.chunk, session.max_request),
         "depth": args.depth,

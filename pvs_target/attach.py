@@ -138,6 +138,20 @@ def render(status: dict[str, Any]) -> None:
                  f"{status['retried_requests']} retried, longest wait "
                  f"{status['longest_wait_ms']} ms"),
     ]
+    verification = status.get("verification") or {}
+    if verification.get("enabled"):
+        lines.append((
+            "verified", f"{verification['blocks_checked']} blocks checked of "
+            f"{verification['block_size']} bytes, {verification['pages_fetched']} digest pages "
+            f"fetched, {len(verification['mismatches'])} mismatches",
+        ))
+        dropped = ", ".join(
+            f"{server['name']} at {server['address']}" for server in verification["dropped_servers"]
+        )
+        if dropped:
+            lines.append(("dropped", f"{dropped} (sent data that does not match the manifest)"))
+    else:
+        lines.append(("verified", f"no: {verification.get('reason', 'unknown')}"))
     for key, value in lines:
         console.print(f"[bold]{key:<13}[/bold] {value}")
     if status["failovers"]:
@@ -149,5 +163,15 @@ def render(status: dict[str, Any]) -> None:
                 record["at"], f"{record['from']['name']} {record['from']['address']}",
                 f"{record['to']['name']} {record['to']['address']}", record["reason"],
                 str(record["took_ms"]), str(record["longest_wait_ms"]),
+            )
+        console.print(table)
+    if verification.get("mismatches"):
+        table = Table(title="blocks that did not match the manifest")
+        for column in ("when", "server", "block", "offset", "what"):
+            table.add_column(column)
+        for mismatch in verification["mismatches"]:
+            table.add_row(
+                mismatch["at"], f"{mismatch['server']} {mismatch['address']}",
+                str(mismatch["block"]), str(mismatch["offset"]), mismatch["message"],
             )
         console.print(table)

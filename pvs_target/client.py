@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from pvs_target.connection import (
     ClientError,
@@ -28,6 +29,9 @@ from pvs_target.login import LoginError, Session, login
 
 Sink = Callable[[int, bytes | bytearray], Awaitable[None] | None]
 """Receives ``(offset, data)`` in offset order; may be a coroutine function (backpressure)."""
+Reader = Callable[[int, int], Coroutine[Any, Any, bytes | bytearray]]
+"""Reads ``(offset, length)``: the connection's own ``read``, or one that checks what it reads
+(``ReadVerifier.read``)."""
 
 
 async def read_range(
@@ -38,12 +42,15 @@ async def read_range(
     chunk: int | None = None,
     depth: int = 32,
     sink: Sink | None = None,
+    read: Reader | None = None,
 ) -> bytes | None:
     """Read ``length`` bytes from ``offset`` with up to ``depth`` requests in flight.
 
     Chunks reach ``sink`` in order (a slow sink holds back at most ``depth`` chunks); without a
     sink the range is returned as one ``bytes``. The first failure is raised as it is (a
-    ``ClientError``) after the other requests are cancelled.
+    ``ClientError``) after the other requests are cancelled. ``read`` replaces the
+    connection's own read (to verify each chunk; then align ``chunk`` and ``offset`` to its
+    blocks, so that no chunk needs more than one request).
     """
     connection = session.connection if isinstance(session, Session) else session
     size = min(chunk or connection.max_request, connection.max_request)
@@ -51,6 +58,7 @@ async def read_range(
         raise ValueError("chunk and depth must be positive")
     if offset < 0 or length < 0:
         raise ValueError("offset and length must not be negative")
+    reader = read or connection.read
     parts: list[bytes | bytearray] = []
     deliver = sink or (lambda _at, data: parts.append(data))
     end = offset + length
@@ -60,7 +68,7 @@ async def read_range(
         while queue or next_offset < end:
             while next_offset < end and len(queue) < depth:
                 count = min(size, end - next_offset)
-                task = asyncio.create_task(connection.read(next_offset, count))
+                task = asyncio.create_task(reader(next_offset, count))
                 queue.append((next_offset, task))
                 next_offset += count
             at, task = queue.popleft()
@@ -80,6 +88,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectionLost",
     "LoginError",
+    "Reader",
     "ServerError",
     "Session",
     "Sink",

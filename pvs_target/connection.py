@@ -497,7 +497,11 @@ class StreamConnection(asyncio.BufferedProtocol):
         await self.wait_closed()
 
     def abort(self) -> None:
-        """Drop the connection at once, without GOODBYE."""
+        """Drop the connection at once, without GOODBYE. On a connection already ended
+        (``end``, a protocol breach) it leaves the closing transport alone, so that the
+        GOODBYE or DAMAGED report it still holds is sent."""
+        if self._failure is not None:
+            return
         self._fail(ConnectionLost(f"connection to {self.server} was aborted by the target"))
         if self._transport is not None:
             self._transport.abort()

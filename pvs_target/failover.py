@@ -13,6 +13,14 @@ can never change under it:
   waits for its one server and retries with backoff; status says why.
 With ``give_up_after`` > 0, reads fail with a clear error after that long without a server;
 the default (0) waits for ever, because a machine would rather hang than crash.
+
+Every block read from a Standard Image (a read-only session) is checked against the manifest
+root pinned at the first login (``pvs_target/verify.py``) before it is handed out. A server
+that sends a block or a digest page that fails is told (DAMAGED), dropped for this vDisk for
+as long as the target runs (never logged in to again: the login asks the site to avoid it,
+and a login that lands there all the same is ended with GOODBYE), and the read is done again
+on the next server. A Private Image's manifest changes with every write, so its sessions are
+not verified: there the one writer's lock keeps the bytes consistent.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -33,6 +42,7 @@ from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode
 from pvs_target.connection import ClientError, ConnectionLost, Done, Reply, ServerError
 from pvs_target.login import LoginError, Session, login
+from pvs_target.verify import BlockMismatch, DigestsUnknown, ReadVerifier
 
 T = TypeVar("T")
 
@@ -104,6 +114,8 @@ class VDiskStream:
         self.last_session: Session | None = None
         """The latest session, kept while we wait for the next: it says what we stream."""
         self.identity: ReplicaIdentity | None = None
+        self.verification: ReadVerifier | None = None
+        """Checks every block read, once the first login was to a read-only image."""
         self.history: list[FailoverRecord] = []
         self.known_servers: list[str] = list(servers)
         self.bytes_read = 0
@@ -184,6 +196,9 @@ class VDiskStream:
         session = self.session
         if session is None or length > session.max_request or self._gave_up is not None:
             return False
+        verification = self._verifying(session)
+        if verification is not None:
+            return self._read_now_checked(session, verification, offset, length, done)
 
         def counted(result: Reply | ClientError) -> None:
             if not isinstance(result, BaseException):
@@ -195,23 +210,81 @@ class VDiskStream:
         self.requests += 1
         return True
 
+    def _read_now_checked(
+        self, session: Session, verification: ReadVerifier, offset: int, length: int,
+        done: Done,
+    ) -> bool:
+        """``read_now`` of a verified stream: only when the digests are known and the aligned
+        range is one request (else ``read``, which fetches pages and splits), and the blocks
+        are checked in the callback, the same loop turn they arrive in."""
+        if offset < 0 or offset + length > verification.shape.size:
+            return False
+        start, span = verification.span(offset, length)
+        if span > session.max_request or not verification.known(start, span):
+            return False
+        connection = session.connection
+
+        def checked(result: Reply | ClientError) -> None:
+            if isinstance(result, BaseException):
+                done(result)
+                return
+            assert isinstance(result, bytes | bytearray)  # READ_DATA, decoded by the protocol
+            try:
+                data = verification.accept(connection, start, result, offset, length)
+            except BlockMismatch as error:
+                self._mismatch(session, error)
+                done(error)  # the export reads it again with ``read``, on the next server
+                return
+            except DigestsUnknown as error:
+                done(error)
+                return
+            self.bytes_read += length
+            done(data)
+
+        if not connection.read_now(start, span, checked):
+            return False
+        self.requests += 1
+        return True
+
+    def _verifying(self, session: Session) -> ReadVerifier | None:
+        return self.verification if session.read_only else None
+
     def send_queued(self) -> None:
         """Send the requests queued in this loop turn now (see ``StreamConnection``)."""
         if self.session is not None:
             self.session.connection.send_queued()
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        """Read any range; long ones are split into requests the server accepts, in parallel."""
+        """Read any range; long ones are split into requests the server accepts, in parallel.
+        A verified stream splits at multiples of a whole number of blocks, so that each part,
+        widened to whole blocks, is still one request."""
         step = self.max_request
-        if length <= step:
-            data = await self._retrying(lambda s: s.connection.read(offset, length))
+        end = offset + length
+        verification = self.verification
+        if verification is not None and self.read_only:
+            block_size = verification.shape.block_size
+            step = max(block_size, step - step % block_size)
+            single = length <= 0 or offset // step == (end - 1) // step
+            first_cut = (offset // step + 1) * step
+        else:
+            single = length <= step
+            first_cut = offset + step
+        if single:
+            data = await self._retrying(lambda s: self._read_part(s, offset, length))
             self.bytes_read += length
             return data
-        ends = range(offset, offset + length, step)
+        cuts = [offset, *range(first_cut, end, step), end]
         parts = await asyncio.gather(
-            *(self.read(at, min(step, offset + length - at)) for at in ends)
+            *(self.read(at, until - at) for at, until in itertools.pairwise(cuts))
         )
         return b"".join(parts)
+
+    async def _read_part(self, session: Session, offset: int, length: int) -> bytes | bytearray:
+        verification = self._verifying(session)
+        if verification is None or offset < 0 or offset + length > verification.shape.size:
+            # unverified, or out of range: the server refuses that, not the verifier
+            return await session.connection.read(offset, length)
+        return await verification.read(session.connection, offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         step = self.max_request
@@ -241,6 +314,8 @@ class VDiskStream:
                 self._lost(session, f"server error {error.code.name}: {error.message}")
             except ConnectionLost as error:
                 self._lost(session, str(error))
+            except BlockMismatch as error:
+                self._mismatch(session, error)
             else:
                 if retried:  # how long the caller waited, from its request to its answer
                     self._note_wait(time.monotonic() - began)
@@ -268,6 +343,21 @@ class VDiskStream:
             self.history[-1] = dataclasses.replace(self.history[-1], longest_wait_ms=ms)
 
     # -- losing and finding servers -----------------------------------------------------------
+
+    def _mismatch(self, session: Session, error: BlockMismatch) -> None:
+        """``session``'s server sent a bad block or page (and was told with DAMAGED): drop
+        it for this vDisk, end its connection with GOODBYE (which still lets the report
+        out), and fail over."""
+        if self.verification is not None:
+            self.verification.record(error)
+        session.connection.end(
+            ErrorCode.NO_IDENTICAL_REPLICA, f"block {error.block} does not match the manifest"
+        )
+        self._lost(session, str(error))
+
+    def _dropped(self, session: Session) -> bool:
+        dropped = self.verification.dropped if self.verification is not None else {}
+        return session.server_name in dropped or session.connected_to in dropped.values()
 
     def _lost(self, session: Session, reason: str) -> None:
         """The session broke: drop it (once) and start looking for the next one."""
@@ -332,8 +422,26 @@ class VDiskStream:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max)
                 continue
+            if self._refuse_dropped(session):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max)
+                continue
             self._install(session, old)
             return
+
+    def _refuse_dropped(self, session: Session) -> bool:
+        """A login that landed on a server dropped for damage (redirected there by a site
+        that has not withdrawn the replica yet): say GOODBYE and look again."""
+        if not self._dropped(session):
+            return False
+        self.log.warning(
+            "login_on_dropped_server", server=session.server_name,
+            address=session.connected_to,
+            action="said goodbye; logging in again elsewhere",
+            hint="this server sent data that does not match the manifest earlier",
+        )
+        session.connection.end(ErrorCode.NO_IDENTICAL_REPLICA, "replica found damaged earlier")
+        return True
 
     def _pin(self, old: Session | None) -> ReplicaIdentity | None:
         """Pin the identity of a read-only image; a Private Image changes with our own
@@ -343,6 +451,18 @@ class VDiskStream:
         return self.identity
 
     def _plan(
+        self, old: Session | None, first: tuple[str, ...] = (), *, planned: bool = False
+    ) -> tuple[list[str], str, bool]:
+        """Where to log in, never at a server dropped for damage (and the site asked to
+        avoid the latest one, when no crashed server needs that more)."""
+        servers, avoid, direct = self._plan_unchecked(old, first, planned=planned)
+        dropped = self.verification.dropped if self.verification is not None else {}
+        if dropped:
+            servers = [server for server in servers if server not in dropped.values()]
+            avoid = avoid or list(dropped)[-1]
+        return servers, avoid, direct
+
+    def _plan_unchecked(
         self, old: Session | None, first: tuple[str, ...] = (), *, planned: bool = False
     ) -> tuple[list[str], str, bool]:
         """Where to log in: the site (not the lost server) when failover is allowed, else
@@ -370,6 +490,12 @@ class VDiskStream:
         return servers, old.server_name if recent else "", False
 
     def _why_waiting(self, old: Session | None, error: LoginError) -> str:
+        if self.verification is not None and self.verification.dropped and not error.server:
+            names = ", ".join(self.verification.dropped)
+            return (
+                f"every server left to try sent data that does not match the manifest "
+                f"({names}): waiting for another one"
+            )
         if old is not None and not self.failover_allowed_for(old):
             return (
                 f"no failover for {self.vdisk} ({self._no_failover_reason(old)}): waiting for "
@@ -394,6 +520,8 @@ class VDiskStream:
     def _install(self, session: Session, old: Session | None) -> None:
         if self.identity is None:
             self.identity = session.identity
+            if session.read_only:  # pinned for good: every later login is pinned to it
+                self.verification = ReadVerifier(session.identity, log=self.log)
         self._learn((session.connected_to, session.login_server, *session.site))
         session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)
         session.connection.on_closed = lambda failure: self._lost(session, str(failure))
@@ -448,13 +576,19 @@ class VDiskStream:
                     connect_timeout=max(0.1, min(self.settings.connect_timeout, left)),
                     log=self.log, avoid=avoid,
                 )
-                break
             except LoginError as error:
                 self.log.warning("relogin_elsewhere_failed", error=error.message)
                 if self.session is not old or time.monotonic() + delay >= until:
                     return  # the unplanned path takes over once the old server closes
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max)
+                continue
+            if not self._refuse_dropped(session):
+                break
+            if self.session is not old or time.monotonic() + delay >= until:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.retry_max)
         if self.session is not old:
             await session.close()
             return
@@ -521,4 +655,9 @@ class VDiskStream:
             "retried_requests": self.retried,
             "longest_wait_ms": round(self.longest_wait_ms, 1),
             "failovers": [record.to_json() for record in self.history],
+            "verification": (
+                self.verification.status() if self.verification is not None
+                else {"enabled": False, "reason": "Private Image: its manifest changes with "
+                      "every write, so blocks are not checked" if last else "not logged in"}
+            ),
         }

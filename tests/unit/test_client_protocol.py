@@ -28,6 +28,7 @@ from pvs_protocol import wire
 from pvs_protocol.connection import Connection, Role, negotiate
 from pvs_protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from pvs_protocol.identity import ReplicaIdentity
+from pvs_protocol.manifest import Manifest, hash_blocks
 from pvs_target.__main__ import main
 from pvs_target.client import (
     ConnectionLost,
@@ -39,9 +40,11 @@ from pvs_target.client import (
 )
 
 CONTENT = random.Random(7).randbytes(300_000 + 123)
-IDENTITY = ReplicaIdentity(
-    3, 1_700_000_000_000_000_000, len(CONTENT), hashlib.sha256(CONTENT).digest()
+MANIFEST = Manifest.build(
+    3, 1_700_000_000_000_000_000, len(CONTENT), 16384,
+    b"".join(hash_blocks(CONTENT, 16384)),
 )
+IDENTITY = MANIFEST.identity
 TIMEOUT = 5.0
 
 
@@ -157,6 +160,8 @@ class ScriptedServer:
                     peer.send(answer)
             case ev.Keepalive(token, reply=False):
                 peer.send(ev.Keepalive(token, reply=True))
+            case ev.Digests(request_id, level, page, _length):
+                peer.send(ev.ReadData(request_id, MANIFEST.page(level, page)))
             case ev.Read() | ev.Write() | ev.Flush():
                 result = self.script(peer, event)
                 if result is not None:
@@ -216,7 +221,7 @@ async def test_hello_offers_what_was_asked() -> None:
     server = ScriptedServer()
     async with asyncio.timeout(TIMEOUT), session_with(server, checksum=False, max_request=8192):
         hello = next(event for event in server.received if isinstance(event, ev.Hello))
-        assert hello == ev.Hello(1, 1, 8192, frozenset(), "pvs-target/0.1")
+        assert hello == ev.Hello(wire.VERSION, wire.VERSION, 8192, frozenset(), "pvs-target/0.1")
         assert server.logins == [ev.Login("lab-pc-07", "win10", None, False)]
 
 
@@ -513,7 +518,7 @@ async def test_read_range_delivers_in_order_when_replies_are_shuffled() -> None:
                 peer.send(peer.data(read))
             held.clear()
 
-    chunks: list[tuple[int, bytes]] = []
+    chunks: list[tuple[int, bytes | bytearray]] = []
     async with asyncio.timeout(TIMEOUT), session_with(ScriptedServer(script=shuffled)) as session:
         result = await read_range(
             session, 0, session.size, chunk=10_000, depth=4,
@@ -527,7 +532,7 @@ async def test_read_range_delivers_in_order_when_replies_are_shuffled() -> None:
 async def test_read_range_awaits_an_async_sink() -> None:
     seen: list[int] = []
 
-    async def slow_sink(at: int, data: bytes) -> None:
+    async def slow_sink(at: int, data: bytes | bytearray) -> None:
         await asyncio.sleep(0)
         seen.append(at)
 
@@ -611,7 +616,13 @@ def test_read_command_copies_and_verifies(
     assert code == 0
     report = json.loads(out)
     assert report["verified"] is True
-    assert report["sha256"] == IDENTITY.digest.hex() == report["identity"]["digest"]
+    assert report["sha256"] == hashlib.sha256(CONTENT).hexdigest()
+    assert report["manifest"] == {
+        "root": IDENTITY.digest.hex(), "version": 3, "created_ns": IDENTITY.timestamp_ns,
+        "block_size": 16384,
+    }
+    assert report["verification"]["blocks_checked"] == MANIFEST.shape.blocks
+    assert report["verification"]["mismatches"] == []
     assert report["bytes"] == len(CONTENT)
     assert report["server"]["address"] == address
     assert report["chunk"] == 64 * 1024
@@ -620,17 +631,36 @@ def test_read_command_copies_and_verifies(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_read_command_reports_a_mismatch(capsys: pytest.CaptureFixture[str]) -> None:
-    wrong = ReplicaIdentity(IDENTITY.version, IDENTITY.timestamp_ns, IDENTITY.size, bytes(32))
+    """A server whose manifest does not lead to the root it announced: nothing is kept,
+    the server is told, and with no other server the command fails with status 1."""
+    wrong = ReplicaIdentity(
+        IDENTITY.version, IDENTITY.timestamp_ns, IDENTITY.size, bytes(32), IDENTITY.block_size
+    )
 
     def liar(login: ev.Login) -> ev.Event:
         return ev.LoginOk(1, wrong, 4096, 1, ev.LoginFlag.READ_ONLY, "pvs1", "x:1")
 
     with server_in_thread(login_reply=liar) as address:
         code = main(["read", "--server", address, "--vdisk", "win10", "--no-checksum"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 1
-    assert f"sha256 {IDENTITY.digest.hex()}" in out
-    assert "MISMATCH" in out
+    assert captured.out == ""
+    assert "does not match the manifest" in captured.err
+    assert "no other server" in captured.err
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_read_command_prints_the_manifest_and_verified(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with server_in_thread() as address:
+        code = main(["read", "--server", address, "--vdisk", "win10", "--chunk", "100K"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"manifest root {IDENTITY.digest.hex()}" in out
+    assert "block size 16384" in out and "created 2023-11-14T22:13:20Z" in out
+    assert f"checked   {MANIFEST.shape.blocks} blocks" in out
+    assert "verified: true" in out
 
 
 @pytest.mark.usefixtures("restore_logging")
