@@ -57,6 +57,10 @@ class Config:
     """A peer not heard from for this long is marked down (and no login goes to it)."""
     inventory_interval: float = 5.0
     """Replica inventory is re-sent this often (and at once on every change)."""
+    scrub_rate: float = 200e6
+    """Bytes per second the background scrub reads (one replica at a time); 0: no scrub."""
+    scrub_interval: float = 86400.0
+    """Seconds between the end of one scrub pass over all replicas and the next."""
 
     @property
     def listen(self) -> str:
@@ -125,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-timeout", type=float, help="seconds of silence before closing")
     parser.add_argument("--handshake-timeout", type=float, help="seconds to complete HELLO+LOGIN")
     parser.add_argument("--watch-interval", type=float, help="seconds between image change checks")
+    parser.add_argument(
+        "--scrub-rate", type=float, help="bytes/s the background scrub reads (0: off)"
+    )
+    parser.add_argument("--scrub-interval", type=float, help="seconds between scrub passes")
     return parser
 
 
@@ -136,7 +144,7 @@ def load(argv: list[str] | None = None) -> Config:
     for key in (
         "name", "log_json", "log_level", "max_request", "max_in_flight", "idle_timeout",
         "handshake_timeout", "watch_interval", "power", "admin", "advertise", "key_file",
-        "peer_timeout", "heartbeat_interval", "drain_timeout",
+        "peer_timeout", "heartbeat_interval", "drain_timeout", "scrub_rate", "scrub_interval",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -254,9 +262,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_in_flight must be between 1 and 4096")
     for key in (
         "handshake_timeout", "idle_timeout", "watch_interval", "drain_timeout",
-        "heartbeat_interval", "peer_timeout", "inventory_interval",
+        "heartbeat_interval", "peer_timeout", "inventory_interval", "scrub_interval",
     ):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")
+    if config.scrub_rate < 0:
+        raise ConfigError("scrub_rate must be 0 (off) or a positive number of bytes per second")
     if not config.name or len(config.name) > 64:
         raise ConfigError("name must be 1..64 characters")

@@ -33,6 +33,8 @@ class StreamServer:
     def __init__(self, config: Config, catalog: Catalog) -> None:
         self.config = config
         self.catalog = catalog
+        # The catalog's watch owns the scrub; the settings are the server's.
+        catalog.scrub_rate, catalog.scrub_interval = config.scrub_rate, config.scrub_interval
         self.buffers = BufferPool()
         self.state = StreamState.STOPPED
         self.sessions: set[Session] = set()
@@ -163,6 +165,12 @@ class StreamServer:
                 "'pvsctl vdisks'",
             )
         identity = vdisk.identity
+        if vdisk.damage is not None:
+            return ev.Error(
+                0, ErrorCode.NO_IDENTICAL_REPLICA,
+                f"{vdisk.name} on {self.config.name} is damaged (first bad offset "
+                f"{vdisk.damage.first_offset}): log in at another server of the site",
+            )
         if identity is None:
             return ev.Error(
                 0, ErrorCode.IDENTITY_PENDING,
@@ -227,9 +235,11 @@ class StreamServer:
     def replica(self, vdisk: VDisk) -> balance.Replica:
         props = vdisk.properties
         return balance.Replica(
-            identity=vdisk.identity, mode=props.mode, maintenance=props.maintenance,
+            identity=vdisk.identity if vdisk.damage is None else vdisk.known_identity,
+            mode=props.mode, maintenance=props.maintenance,
             load_balancing=props.load_balancing, fixed_server=props.fixed_server,
             affinity=props.subnet_affinity, shared=vdisk.store.shared,
+            damaged=vdisk.damage is not None,
         )
 
     def local_state(self) -> LocalState:
@@ -245,7 +255,7 @@ class StreamServer:
             replicas[name] = replica_entry(
                 name, r.identity, mode=r.mode, maintenance=r.maintenance,
                 load_balancing=r.load_balancing, fixed_server=r.fixed_server,
-                affinity=r.affinity, shared=r.shared,
+                affinity=r.affinity, shared=r.shared, damage=vdisk.damage,
             )
         return LocalState(
             serving=_SITE_STATE[self.state],

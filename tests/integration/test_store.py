@@ -18,9 +18,11 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from pvs_protocol.identity import ReplicaIdentity
+from pvs_protocol.manifest import Manifest
 from pvs_protocol.modes import Mode
 from pvsd.ctl import main
-from pvsd.identity import cache_path, compute_identity, load_identity
+from pvsd.identity import cache_path
+from pvsd.manifest import build_manifest, manifest_path, write_manifest
 from pvsd.properties import VDiskProperties, load_properties, properties_path, save_properties
 from pvsd.store import Catalog, Store, VDisk
 
@@ -43,7 +45,21 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-# -- identity -------------------------------------------------------------------------------
+# -- identity: the manifest, and the record of what was verified ----------------------------
+
+
+async def adopted(image: Path, version: int = 1) -> ReplicaIdentity:
+    """What pvsd adopts for an image without a manifest: its mtime is the creation time."""
+    return (await build_manifest(image, version, None, log=log)).identity
+
+
+async def checked(store: Path) -> tuple[Catalog, list[EventDict]]:
+    """One scan of ``store`` by a fresh catalog (as a restarted pvsd), with its logs."""
+    catalog = Catalog([store])
+    with capture_logs() as logs:
+        await catalog.refresh()
+    catalog.close()
+    return catalog, logs
 
 
 async def test_copies_that_keep_mtime_are_identical(tmp_path: Path) -> None:
@@ -51,9 +67,7 @@ async def test_copies_that_keep_mtime_are_identical(tmp_path: Path) -> None:
     os.utime(original, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
     shutil.copy2(original, tmp_path / "b.img")
     subprocess.run(["cp", "-p", str(original), str(tmp_path / "c.img")], check=True)
-    identities = [
-        await compute_identity(tmp_path / name, 1, log=log) for name in ("a.img", "b.img", "c.img")
-    ]
+    identities = [await adopted(tmp_path / name) for name in ("a.img", "b.img", "c.img")]
     assert identities[0] == identities[1] == identities[2]
     assert identities[0].timestamp_ns == 1_600_000_000_123_456_789
     assert identities[0].size == 3 * MIB
@@ -67,46 +81,59 @@ async def test_same_change_made_to_two_copies_differs_in_timestamp(tmp_path: Pat
         with copy.open("r+b") as file:
             file.write(b"patched")
         time.sleep(0.05)  # the two edits happen at different times, as they would on two servers
-    one = await compute_identity(first, 1, log=log)
-    other = await compute_identity(second, 1, log=log)
-    assert one.differences(other) == ["timestamp"]
+    one, other = await adopted(first), await adopted(second)
+    # The root covers the creation time too: the same bytes made at two times are two versions.
+    assert one.differences(other) == ["timestamp", "content"]
 
 
-async def test_content_change_with_mtime_set_back_differs_in_content(tmp_path: Path) -> None:
+async def test_content_change_with_mtime_set_back_is_damage(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.img")
-    before = await load_identity(image, 1, log=log)
+    catalog, _ = await checked(tmp_path)
+    before = catalog["a"].identity
+    assert before is not None and manifest_path(image).exists()
     times = image.stat()
     with image.open("r+b") as file:
+        file.seek(MIB + 5)
         file.write(b"sneaky")
     os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
-    after = await load_identity(image, 1, log=log)
-    assert after.source == "computed"  # ctime gave the change away, the cache was not trusted
-    assert before.identity.differences(after.identity) == ["content"]
+    catalog, logs = await checked(tmp_path)
+    vdisk = catalog["a"]
+    assert vdisk.identity is None and vdisk.known_identity == before  # ctime gave it away
+    assert vdisk.damage is not None
+    assert (vdisk.damage.first_offset, vdisk.damage.bad_blocks) == (MIB, 1)
+    assert vdisk.damage.found_by == "verify" and vdisk.damage.complete
+    [error] = events(logs, "replica_damaged")
+    assert error["log_level"] == "error" and "action" in error
 
 
-async def test_version_bump_differs_in_version_without_rehashing(tmp_path: Path) -> None:
+async def test_new_version_of_the_same_bytes_needs_no_pass(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.img")
-    first = await load_identity(image, 1, log=log)
-    with capture_logs() as logs:
-        bumped = await load_identity(image, 2, log=structlog.get_logger())
-    assert bumped.source == "relabelled"
-    assert not events(logs, "identity_hashing")
-    assert first.identity.differences(bumped.identity) == ["version"]
-    assert bumped.identity == await compute_identity(image, 2, log=log)
+    first = (await checked(tmp_path))[0]["a"].identity
+    assert first is not None
+    restamped = load_manifest_whole(image).restamped(2, time.time_ns())
+    write_manifest(image, restamped)
+    catalog, logs = await checked(tmp_path)
+    assert not events(logs, "verify_started")
+    assert catalog["a"].identity == restamped.identity
+    assert first.differences(restamped.identity) == ["version", "timestamp", "content"]
 
 
-async def test_cache_is_reused_and_leaves_the_image_alone(tmp_path: Path) -> None:
+def load_manifest_whole(image: Path) -> Manifest:
+    return Manifest.decode(manifest_path(image).read_bytes())
+
+
+async def test_record_is_reused_and_leaves_the_image_alone(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.img")
     stat_before = image.stat()
-    first = await load_identity(image, 1, log=log)
-    assert first.source == "computed"
-    with capture_logs() as logs:
-        second = await load_identity(image, 1, log=structlog.get_logger())
-    assert second.source == "cache"
-    assert second.identity == first.identity
-    assert [entry["event"] for entry in logs] == ["identity_cached"]
-    # Reading the image for its hash may move atime (relatime); what the identity and the
-    # administrator care about is that contents, mtime and ctime stay untouched.
+    _, logs = await checked(tmp_path)
+    assert events(logs, "manifest_adopted") and not events(logs, "verify_started")
+    cache_path(image).unlink()  # no record of a check: the content is verified
+    catalog, logs = await checked(tmp_path)
+    assert events(logs, "verify_started")
+    catalog, logs = await checked(tmp_path)
+    assert not events(logs, "verify_started") and events(logs, "identity_cached")
+    # Reading the image may move atime (relatime); what the identity and the administrator
+    # care about is that contents, mtime and ctime stay untouched.
     after = image.stat()
     assert (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == (
         stat_before.st_size,
@@ -116,35 +143,38 @@ async def test_cache_is_reused_and_leaves_the_image_alone(tmp_path: Path) -> Non
     )
     record = json.loads(cache_path(image).read_text())
     assert record["stat"]["ctime_ns"] == stat_before.st_ctime_ns
-    assert record["identity"]["digest"] == first.identity.digest.hex()
+    assert catalog["a"].manifest is not None
+    assert record["top"] == catalog["a"].manifest.top.hex()
 
 
-async def test_cache_is_invalidated_by_any_change_of_the_stat_key(tmp_path: Path) -> None:
+async def test_record_is_invalidated_by_any_change_of_the_stat_key(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.img")
-    await load_identity(image, 1, log=log)
+    first = (await checked(tmp_path))[0]["a"].identity
     os.chmod(image, 0o600)  # touches ctime only: the content may have changed with it
-    assert (await load_identity(image, 1, log=log)).source == "computed"
+    catalog, logs = await checked(tmp_path)
+    assert events(logs, "verify_started") and catalog["a"].identity == first
     replacement = make_image(tmp_path / "new", fill=b"pvs")
     os.replace(replacement, image)  # same bytes, new inode
-    assert (await load_identity(image, 1, log=log)).source == "computed"
+    catalog, logs = await checked(tmp_path)
+    assert events(logs, "verify_started") and catalog["a"].identity == first
 
 
-async def test_unwritable_cache_is_a_warning_not_a_failure(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "a.img")
-    cache_path(image).mkdir()  # root ignores permissions; a directory cannot be replaced by a file
+async def test_unwritable_record_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.img")
+    cache_path(tmp_path / "a.img").mkdir()  # a directory cannot be replaced by a file
+    catalog, logs = await checked(tmp_path)
+    assert catalog["a"].identity is not None
+    warnings = events(logs, "verified_record_not_written")
+    assert warnings
+    assert all(entry["log_level"] == "warning" and "action" in entry for entry in warnings)
+
+
+async def test_making_a_manifest_reports_progress(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "a.img", size=24 * MIB)
     with capture_logs() as logs:
-        identified = await load_identity(image, 1, log=structlog.get_logger())
-    assert identified.source == "computed"
-    [warning] = events(logs, "identity_cache_not_written")
-    assert warning["log_level"] == "warning" and "action" in warning
-
-
-async def test_hashing_reports_progress(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "a.img", size=12 * MIB)
-    with capture_logs() as logs:
-        await compute_identity(image, 1, log=structlog.get_logger(), progress_interval=0)
-    progress = events(logs, "identity_progress")
-    assert [entry["percent"] for entry in progress] == [33.3, 66.7, 100.0]
+        await build_manifest(image, 1, None, log=structlog.get_logger(), progress_interval=0)
+    progress = events(logs, "manifest_progress")
+    assert progress[-1]["percent"] == 100.0
     assert all(entry["mb_per_s"] > 0 for entry in progress)
 
 
@@ -169,7 +199,7 @@ async def watched(tmp_path: Path) -> AsyncIterator[tuple[Catalog, list[tuple[str
     catalog.close()
 
 
-async def test_watcher_withdraws_at_once_then_publishes_the_new_identity(
+async def test_watcher_withdraws_at_once_then_finds_damage_then_a_new_version(
     watched: tuple[Catalog, list[tuple[str, object]]],
 ) -> None:
     catalog, seen = watched
@@ -179,26 +209,34 @@ async def test_watcher_withdraws_at_once_then_publishes_the_new_identity(
     seen.clear()
     with vdisk.path.open("r+b") as file:
         file.write(b"changed")
-    await until(lambda: vdisk.identity is None)
-    await until(lambda: vdisk.identity is not None)
+    await until(lambda: vdisk.damage is not None)
     assert seen[0] == ("win10", None)  # withdrawn before anything else happened
-    assert seen[-1] == ("win10", vdisk.identity)
-    assert vdisk.identity is not None and old.differences(vdisk.identity) == [
+    assert vdisk.identity is None and vdisk.known_identity == old
+    # The administrator makes the change a new version (pvsctl vdisk manifest):
+    time.sleep(0.01)
+    write_manifest(vdisk.path, await build_manifest(vdisk.path, 2, time.time_ns(), log=log))
+    await until(lambda: vdisk.identity is not None)
+    published = catalog["win10"].identity
+    assert published is not None and catalog["win10"].damage is None
+    assert seen[-1] == ("win10", published)
+    assert old.differences(published) == [
+        "version",
         "timestamp",
         "content",
     ]
 
 
-async def test_watcher_follows_properties_and_replaced_files(
+async def test_watcher_follows_replaced_files_and_manifests(
     watched: tuple[Catalog, list[tuple[str, object]]],
 ) -> None:
     catalog, _ = watched
     vdisk = catalog["win10"]
     held = vdisk.file
-    save_properties(properties_path(vdisk.path), VDiskProperties(version=5))
-    await until(lambda: vdisk.identity is not None and vdisk.identity.version == 5)
     replacement = make_image(vdisk.path.with_name("incoming"), size=MIB, fill=b"new")
     os.replace(replacement, vdisk.path)
+    await until(lambda: vdisk.damage is not None)  # its manifest is of another image
+    assert vdisk.damage is not None and vdisk.damage.found_by == "size"
+    manifest_path(vdisk.path).unlink()  # no manifest: adopted from the content
     await until(lambda: vdisk.identity is not None and vdisk.identity.size == MIB)
     assert vdisk.file is not held
     assert os.fstat(vdisk.fd).st_ino == vdisk.path.stat().st_ino
@@ -378,7 +416,9 @@ def test_vdisk_import_raw_keeps_holes_and_mtime(tmp_path: Path) -> None:
     assert image.stat().st_blocks * 512 < 4 * MIB
     assert image.stat().st_mtime_ns == source.stat().st_mtime_ns
     assert properties_path(image).exists()
-    assert sorted(path.name for path in store.iterdir()) == ["disk.img", "disk.vdisk.toml"]
+    assert sorted(path.name for path in store.iterdir()) == [
+        "disk.img", "disk.manifest", "disk.vdisk.toml",
+    ]
 
 
 def test_vdisk_import_converts_qcow2(tmp_path: Path) -> None:
@@ -443,7 +483,7 @@ def test_vdisk_show_lists_properties_and_identity(tmp_path: Path) -> None:
     assert shown["name"] == "win10" and shown["size"] == 3 * MIB
     assert shown["properties"]["version"] == 4
     assert shown["identity"]["version"] == 4 and len(shown["identity"]["digest"]) == 64
-    assert "identity_computed" in result.stderr
-    again = pvsctl("vdisk show win10 --store", tmp_path)
+    again = pvsctl("vdisk show win10 --json --store", tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "win10" in again.stdout and "identity_cached" in again.stderr
+    [shown_again] = json.loads(again.stdout)
+    assert shown_again["identity"] == shown["identity"]  # the same manifest, not made again
