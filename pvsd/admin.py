@@ -19,6 +19,7 @@ import ipaddress
 import json
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,9 +28,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
+from pvs_protocol import manifest as mf
+from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity
 from pvsd import admin_auth
 from pvsd.config import Config, ConfigError, format_address, parse_address
+from pvsd.manifest import manifest_path, write_manifest
 from pvsd.names import InvalidName, validate_name
 from pvsd.properties import (
     PropertiesError,
@@ -41,6 +45,7 @@ from pvsd.properties import (
 from pvsd.replication import Holder, replication_report
 from pvsd.server import StreamServer
 from pvsd.site import Peer
+from pvsd.store import VDisk
 
 log = structlog.get_logger("pvsd.admin")
 
@@ -51,6 +56,9 @@ SETTABLE = (
     "mode", "maintenance", "load_balancing", "fixed_server", "subnet_affinity", "description",
     "version",
 )
+MANIFEST_TIME = "manifest_created_ns"
+"""Sent along with a new version by the server that forwards it: the creation time of the
+re-stamped manifest, the same on every server."""
 JSON = dict[str, Any]
 
 
@@ -266,9 +274,14 @@ class AdminServer:
         name = _vdisk_name(request)
         body = await request.read()
         changes = parse_changes(body)
+        if "version" in changes and MANIFEST_TIME not in changes:
+            # One creation time for every server: copies that had one manifest get one new
+            # manifest (the same root), not one each.
+            changes[MANIFEST_TIME] = time.time_ns()
+            body = json.dumps(changes).encode()
         base = self._known_properties(name)
         try:
-            VDiskProperties.from_mapping(base.to_mapping() | changes)
+            VDiskProperties.from_mapping(base.to_mapping() | _properties_part(changes))
         except PropertiesError as error:
             raise ApiError(400, f"cannot change vDisk {name}: {error}") from None
         fixed = changes.get("fixed_server")
@@ -372,16 +385,25 @@ class AdminServer:
         if vdisk is None:
             return self._result(True, held=False)
         path = properties_path(vdisk.path)
+        manifest: ReplicaIdentity | None = None
         async with self._settings_lock:
             try:
                 current = load_properties(path)
-                updated = VDiskProperties.from_mapping(current.to_mapping() | changes)
+                updated = VDiskProperties.from_mapping(
+                    current.to_mapping() | _properties_part(changes)
+                )
             except PropertiesError as error:
                 raise ApiError(
                     400, f"cannot change vDisk {name} on {self.config.name}: {error}"
                 ) from None
-            changed = updated != current
-            if changed:
+            if "version" in changes:
+                created_ns = changes.get(MANIFEST_TIME)
+                manifest = await asyncio.to_thread(
+                    self._restamp, vdisk.path, updated.version,
+                    created_ns if isinstance(created_ns, int) else time.time_ns(),
+                )
+            changed = updated != current or manifest is not None
+            if updated != current:
                 try:
                     await asyncio.to_thread(save_properties, path, updated)
                 except OSError as error:
@@ -390,11 +412,38 @@ class AdminServer:
                         "make the store writable",
                     ) from None
         if changed:
-            log.info("vdisk_settings_saved", vdisk=name, path=str(path), changes=changes)
+            log.info("vdisk_settings_saved", vdisk=name, path=str(path), changes=changes,
+                     manifest=manifest.short if manifest is not None else None)
         return self._result(
             True, held=True, changed=changed, shared=vdisk.store.shared,
             properties=updated.to_mapping(),
+            manifest=manifest.to_json() if manifest is not None else None,
         )
+
+    def _restamp(self, image: Path, version: int, created_ns: int) -> ReplicaIdentity | None:
+        """A new version of the same bytes: the manifest's digests under a new version and
+        creation time (no pass over the image). None if the image has no manifest yet (pvsd
+        adopts it with the properties' version)."""
+        path = manifest_path(image)
+        try:
+            manifest = mf.Manifest.decode(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, mf.ManifestError) as error:
+            raise ApiError(
+                409, f"cannot make version {version} of {image.stem} on {self.config.name}: "
+                f"{path}: {error}; copy a good image and manifest there, or make a new one with "
+                "pvsctl vdisk manifest",
+            ) from None
+        restamped = manifest.restamped(version, created_ns)
+        try:
+            write_manifest(image, restamped)
+        except OSError as error:
+            raise ApiError(
+                409, f"cannot write {path} on {self.config.name}: {error.strerror}; make the "
+                "store writable",
+            ) from None
+        return restamped.identity
 
     def _result(self, ok: bool, **fields: Any) -> JSON:
         return {"server": self.config.name, "ok": ok, **fields}
@@ -583,6 +632,36 @@ class AdminServer:
 # -- pure helpers ---------------------------------------------------------------------------
 
 
+def damage_json(vdisk: VDisk) -> JSON | None:
+    """What found the damage and when, beside where (the site's entry has where too)."""
+    damage = vdisk.damage
+    if damage is None:
+        return None
+    return {
+        "first_offset": damage.first_offset, "bad_blocks": damage.bad_blocks,
+        "complete": damage.complete, "found_by": damage.found_by, "since": _iso(damage.since),
+    }
+
+
+def scrub_json(vdisk: VDisk) -> JSON:
+    """The pass over the copy running now (scrub, verify, recheck or making the manifest)
+    and when the last scrub finished."""
+    progress = vdisk.progress
+    return {
+        "running": progress is not None,
+        "activity": vdisk.activity if progress is not None else "",
+        "done": progress.done if progress is not None else None,
+        "total": progress.total if progress is not None else None,
+        "percent": progress.percent if progress is not None else None,
+        "mb_per_s": progress.mb_per_s if progress is not None else None,
+        "last_finished": _iso(vdisk.last_scrub) if vdisk.last_scrub else None,
+    }
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+
 def parse_changes(body: bytes) -> JSON:
     """The settings a request wants changed; their values are checked against the file."""
     try:
@@ -595,12 +674,24 @@ def parse_changes(body: bytes) -> JSON:
         raise ApiError(
             400, "body must be a JSON object with at least one setting, e.g. {\"version\": 2}"
         )
-    unknown = sorted(set(data) - set(SETTABLE))
+    unknown = sorted(set(data) - set(SETTABLE) - {MANIFEST_TIME})
     if unknown:
         raise ApiError(
             400, f"unknown setting(s) {', '.join(unknown)}; settable: {', '.join(SETTABLE)}"
         )
+    created_ns = data.get(MANIFEST_TIME)
+    if MANIFEST_TIME in data and (
+        "version" not in data or not isinstance(created_ns, int) or isinstance(created_ns, bool)
+        or created_ns < 0
+    ):
+        raise ApiError(
+            400, f"{MANIFEST_TIME} goes only with a version, as nanoseconds since the epoch"
+        )
     return data
+
+
+def _properties_part(changes: JSON) -> JSON:
+    return {key: value for key, value in changes.items() if key != MANIFEST_TIME}
 
 
 def _vdisk_name(request: web.Request) -> str:

@@ -4,8 +4,9 @@ Every command group registers its subcommands in one ``_add_*_commands`` functio
 `_COMMAND_GROUPS`: ``vdisk`` here works on a local store; the site-wide commands (servers,
 vdisks, targets, stop-stream, start-stream, site) are in `pvsd.console.commands` and talk to any
 server's admin API (``--admin HOST:PORT --key-file FILE``). A handler takes the parsed arguments
-and either returns or raises `UserError`. `main` turns user errors into one line on stderr and
-exit code 2, because a traceback tells an administrator nothing they can act on.
+and returns (None or an exit code: ``vdisk verify`` returns 1 for a damaged copy) or raises
+`UserError`. `main` turns user errors into one line on stderr and exit code 2, because a
+traceback tells an administrator nothing they can act on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,16 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from pvs_protocol import manifest as mf
 from pvs_protocol.modes import Mode, SubnetAffinity
 from pvsd import logs
 from pvsd.config import ConfigError
 from pvsd.console import UserError
+from pvsd.console import manifests as mfc
 from pvsd.console.client import add_global_options, admin_requested, options_parser
 from pvsd.console.commands import add_site_commands, set_through_admin
 from pvsd.console.tables import human_size
+from pvsd.manifest import manifest_path
 from pvsd.names import InvalidName, validate_name
 from pvsd.properties import (
     PropertiesError,
@@ -69,13 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_request.code if isinstance(exit_request.code, int) else 2
     logs.configure()  # to stderr, so that `show --json` output stays clean
     try:
-        args.handler(args)
+        code = args.handler(args)
     except (UserError, InvalidName, PropertiesError, ConfigError, OSError) as error:
         print(f"pvsctl: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +103,7 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     create.add_argument("--store", required=True, type=Path)
     create.add_argument("--mode", choices=modes, default=str(Mode.standard))
     create.add_argument("--description", default="")
+    _block_size_option(create)
     create.set_defaults(handler=_create)
 
     import_ = commands.add_parser("import", help="copy or convert a disk image into a store")
@@ -107,6 +113,7 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     import_.add_argument("--format", choices=FORMATS, default="auto")
     import_.add_argument("--mode", choices=modes, default=str(Mode.standard))
     import_.add_argument("--description", default="")
+    _block_size_option(import_)
     import_.set_defaults(handler=_import)
 
     set_ = commands.add_parser(
@@ -132,6 +139,35 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     show.add_argument("--store", required=True, type=Path, action="append", help="repeatable")
     show.set_defaults(handler=_show)
 
+    verify = commands.add_parser(
+        "verify", help="check a local copy against its manifest; exit 1 if it is damaged"
+    )
+    verify.add_argument("name")
+    verify.add_argument("--store", type=Path, help=f"the store (default: ${mfc.STORE_ENV})")
+    verify.set_defaults(handler=_verify)
+
+    manifest = commands.add_parser(
+        "manifest", parents=[options_parser(connection=False)],
+        help="make the manifest from the image's current content: a new version",
+    )
+    manifest.add_argument("name")
+    manifest.add_argument("--store", type=Path, help=f"the store (default: ${mfc.STORE_ENV})")
+    manifest.add_argument(
+        "--version", type=int, help="version number (default: the one in the properties file)"
+    )
+    manifest.add_argument(
+        "--block-size", type=mfc.parse_block_size,
+        help="digest block size, 4K to 1M (default: the current manifest's, else 16K)",
+    )
+    manifest.set_defaults(handler=_manifest)
+
+
+def _block_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--block-size", type=mfc.parse_block_size, default=mf.DEFAULT_BLOCK_SIZE,
+        help="manifest digest block size: the unit a target checks, 4K to 1M (default 16K)",
+    )
+
 
 _COMMAND_GROUPS: tuple[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...
@@ -141,12 +177,14 @@ _COMMAND_GROUPS: tuple[
 def _create(args: argparse.Namespace) -> None:
     image = _new_image(args.store, args.name)
     size = parse_size(args.size)
-    save_properties(
-        properties_path(image), VDiskProperties(Mode(args.mode), description=args.description)
-    )
+    properties = VDiskProperties(Mode(args.mode), description=args.description)
+    save_properties(properties_path(image), properties)
+    manifest = mfc.empty_manifest(size, args.block_size, properties.version, time.time_ns())
     with _staged(image) as temporary:
         os.truncate(temporary, size)
+        mfc.save_manifest(image, manifest)  # before the image appears: pvsd never adopts it
     print(f"created vDisk {args.name}: {human_size(size)}, {args.mode}, in {image}")
+    print(f"manifest: {mfc.describe(manifest)}")
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -166,16 +204,21 @@ def _import(args: argparse.Namespace) -> None:
                 f"cannot import {source}: {size} bytes is not a multiple of {SECTOR};"
                 f" pad it with `truncate -s %{SECTOR} {source}` first"
             )
-        # Keeping the source's mtime (as cp -p does) makes the same file imported on two
-        # servers two identical replicas.
+        # The manifest is stamped with the source's mtime (kept on the image too, as cp -p
+        # does), so the same file imported on two servers makes two identical replicas.
         source_stat = source.stat()
         os.utime(temporary, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns))
-        save_properties(
-            properties_path(image), VDiskProperties(Mode(args.mode), description=args.description)
+        properties = VDiskProperties(Mode(args.mode), description=args.description)
+        manifest = mfc.make_manifest(
+            temporary, properties.version, source_stat.st_mtime_ns, args.block_size,
+            label=f"manifest of {args.name}",
         )
+        save_properties(properties_path(image), properties)
+        mfc.save_manifest(image, manifest)  # before the image appears: pvsd never adopts it
     print(
         f"imported {source} ({image_format}) as vDisk {args.name}: {human_size(size)}, in {image}"
     )
+    print(f"manifest: {mfc.describe(manifest)}")
 
 
 def _set(args: argparse.Namespace) -> None:
@@ -216,9 +259,20 @@ def _set(args: argparse.Namespace) -> None:
     except PropertiesError as error:
         option = "--" + error.key.replace("_", "-")
         raise UserError(f"cannot change vDisk {args.name}: {option} {error.problem}") from None
+    manifest = None
+    if "version" in changes:  # a new version of the same bytes: a new manifest identity
+        manifest = mfc.restamp(image, changes["version"], time.time_ns())
     save_properties(path, updated)
     shown = {key: _on_off_text(value) for key, value in changes.items()}
     print(f"vDisk {args.name}: " + ", ".join(f"{key}={value}" for key, value in shown.items()))
+    if manifest is not None:
+        print(f"manifest: {mfc.describe(manifest)}")
+    elif "version" in changes:
+        print(
+            f"{args.name} has no manifest yet: pvsd makes one as version {changes['version']} "
+            f"when it finds the image, or make it now: pvsctl vdisk manifest {args.name} "
+            f"--store {store}"
+        )
 
 
 def _show(args: argparse.Namespace) -> None:
@@ -231,12 +285,14 @@ def _show(args: argparse.Namespace) -> None:
         stores = " ".join(f"--store {path}" for path in args.store)
         raise UserError(f"no vDisk {args.name} is served from {stores}; check the name")
     vdisks = [catalog[args.name]] if args.name is not None else list(catalog.values())
+    manifests = {vdisk.name: _manifest_or_error(vdisk) for vdisk in vdisks}
     if args.json:
-        print(json.dumps([_vdisk_json(vdisk) for vdisk in vdisks], indent=2))
+        print(json.dumps([_vdisk_json(vdisk, manifests[vdisk.name]) for vdisk in vdisks], indent=2))
         return
     table = Table(*_COLUMNS)
     for vdisk in vdisks:
         properties = vdisk.properties
+        manifest = manifests[vdisk.name]
         table.add_row(
             vdisk.name,
             human_size(vdisk.size),
@@ -246,10 +302,85 @@ def _show(args: argparse.Namespace) -> None:
             "any server" if properties.load_balancing else f"only {properties.fixed_server}",
             str(properties.subnet_affinity),
             str(properties.block_size),
-            vdisk.identity.short if vdisk.identity else "(not available)",
+            _manifest_text(manifest),
+            _damage_text(vdisk),
             properties.description,
         )
     Console().print(table)
+    if args.name is not None:
+        manifest = manifests[args.name]
+        if isinstance(manifest, mf.Manifest):
+            print(f"manifest: {mfc.describe(manifest)}")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    validate_name(args.name)
+    image = mfc.existing_image(mfc.store_directory(args.store), args.name)
+    result = mfc.verify(image, args.name)
+    print(result.lines[0])
+    for line in result.lines[1:]:
+        print(line, file=sys.stderr)
+    return 0 if result.good else 1
+
+
+def _manifest(args: argparse.Namespace) -> None:
+    validate_name(args.name)
+    store = mfc.store_directory(args.store)
+    image = mfc.existing_image(store, args.name)
+    path = properties_path(image)
+    properties = load_properties(path)
+    version = properties.version if args.version is None else args.version
+    if args.version is not None:
+        try:
+            properties = dataclasses.replace(properties, version=args.version)
+        except PropertiesError as error:
+            raise UserError(f"cannot make version {args.version}: {error.problem}") from None
+    block_size = args.block_size
+    if block_size is None:
+        current = _manifest_or_error(_Image(image))
+        block_size = (
+            current.block_size if isinstance(current, mf.Manifest) else mf.DEFAULT_BLOCK_SIZE
+        )
+    manifest = mfc.make_manifest(
+        image, version, time.time_ns(), block_size, label=f"manifest of {args.name}"
+    )
+    mfc.save_manifest(image, manifest)
+    save_properties(path, properties)
+    if getattr(args, "json", False):
+        print(json.dumps(mfc.manifest_json(manifest), indent=2))
+        return
+    print(f"vDisk {args.name}: new manifest: {mfc.describe(manifest)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Image:
+    path: Path
+
+
+def _manifest_or_error(vdisk: VDisk | _Image) -> mf.Manifest | str:
+    """The manifest beside a listed image, or why there is none to show."""
+    try:
+        manifest = mfc.read_manifest(vdisk.path)
+    except UserError as error:
+        return str(error)
+    return manifest if manifest is not None else "none yet (pvsd adopts the image)"
+
+
+def _manifest_text(manifest: mf.Manifest | str) -> str:
+    if isinstance(manifest, str):
+        return manifest
+    return (
+        f"v{manifest.version} {mfc.format_ns(manifest.created_ns)}, "
+        f"{manifest.block_size // 1024} KiB blocks, root {manifest.root.hex()[:16]}"
+    )
+
+
+def _damage_text(vdisk: VDisk) -> str:
+    damage = vdisk.damage
+    if damage is None:
+        return "-"
+    count = damage.bad_blocks
+    return f"DAMAGED at offset {damage.first_offset} ({count} bad block{'s' * (count != 1)})"
 
 
 _COLUMNS = (
@@ -261,7 +392,8 @@ _COLUMNS = (
     "Served by",
     "Affinity",
     "Block",
-    "Identity",
+    "Manifest",
+    "Damage",
     "Description",
 )
 
@@ -300,6 +432,9 @@ def _staged(image: Path) -> Iterator[Path]:
     descriptor, name = tempfile.mkstemp(dir=image.parent, prefix=f".{image.name}.")
     os.close(descriptor)
     temporary = Path(name)
+    manifest = manifest_path(image)
+    manifest_before = manifest.exists()
+    linked = False
     try:
         os.chmod(temporary, 0o644)
         yield temporary
@@ -307,8 +442,11 @@ def _staged(image: Path) -> Iterator[Path]:
             os.link(temporary, image)
         except FileExistsError:
             raise UserError(f"{image} appeared meanwhile; nothing was replaced") from None
+        linked = True
     finally:
         temporary.unlink(missing_ok=True)
+        if not linked and not manifest_before:  # the manifest written for an image never made
+            manifest.unlink(missing_ok=True)
 
 
 def _copy_raw(source: Path, target: Path) -> None:
@@ -389,7 +527,8 @@ def _run_qemu_img(command: list[str], *, progress: bool = False) -> str:
 _INSTALL_QEMU = "install qemu-img (apt install qemu-utils, or dnf install qemu-img)"
 
 
-def _vdisk_json(vdisk: VDisk) -> dict[str, object]:
+def _vdisk_json(vdisk: VDisk, manifest: mf.Manifest | str) -> dict[str, object]:
+    damage = vdisk.damage
     return {
         "name": vdisk.name,
         "path": str(vdisk.path),
@@ -397,6 +536,11 @@ def _vdisk_json(vdisk: VDisk) -> dict[str, object]:
         "size": vdisk.size,
         "properties": vdisk.properties.to_mapping(),
         "identity": vdisk.identity.to_json() if vdisk.identity else None,
+        "manifest": mfc.manifest_json(manifest) if isinstance(manifest, mf.Manifest) else None,
+        "manifest_problem": manifest if isinstance(manifest, str) else None,
+        "damage": None if damage is None else {
+            "first_offset": damage.first_offset, "bad_blocks": damage.bad_blocks,
+        },
     }
 
 

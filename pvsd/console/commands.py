@@ -75,8 +75,14 @@ def _vdisks(args: argparse.Namespace) -> None:
     vdisks = _list(answer, "vdisks")
     if not vdisks:
         print("no vDisks on any server of the site")
-        return
-    _print(tables.vdisks_table(vdisks))
+    else:
+        _print(tables.vdisks_table(vdisks))
+    for error in _list(answer, "errors"):
+        print(
+            f"pvsctl: damage detail and scrub progress of {error.get('server')} are missing: "
+            f"{error.get('error')}",
+            file=sys.stderr,
+        )
 
 
 def _targets(args: argparse.Namespace) -> None:
@@ -151,7 +157,14 @@ def set_through_admin(args: argparse.Namespace, changes: Mapping[str, Any]) -> N
         elif result.get("held") is False:
             print(f"{server}: does not hold {args.name}")
         elif result.get("changed"):
-            print(f"{server}: saved")
+            manifest = result.get("manifest")
+            if isinstance(manifest, dict):
+                print(
+                    f"{server}: saved; manifest version {manifest.get('version')}, root "
+                    f"{manifest.get('digest')}"
+                )
+            else:
+                print(f"{server}: saved")
         else:
             print(f"{server}: already so")
     if failed:

@@ -162,7 +162,7 @@ def damage_text(damage: Mapping[str, Any]) -> str:
         label += f", found by {found_by}"
     since = damage.get("since")
     if isinstance(since, str) and since:
-        label += f" since {_local_time(since)}"
+        label += f" since {_short_time(since)}"
     return label
 
 
@@ -171,11 +171,14 @@ def scrub_text(scrub: object) -> str:
     if not isinstance(scrub, Mapping):
         return "-"
     done, total = scrub.get("done"), scrub.get("total")
-    if scrub.get("running") and isinstance(done, int) and isinstance(total, int):
-        return f"{100 * done / total:.0f}%" if total else "running"
+    if scrub.get("running"):
+        activity = str(scrub.get("activity") or "check")
+        if isinstance(done, int) and isinstance(total, int) and total:
+            return f"{activity} {100 * done / total:.0f}%"
+        return activity
     finished = scrub.get("last_finished")
     if isinstance(finished, str) and finished:
-        return f"checked {_local_time(finished)}"
+        return f"checked {_short_time(finished)}"
     return "not yet"
 
 
@@ -235,3 +238,14 @@ def _local_time(iso: str) -> str:
     except ValueError:
         return iso
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short_time(iso: str) -> str:
+    """The local time of day for today's moments, the date and time for older ones."""
+    try:
+        moment = datetime.datetime.fromisoformat(iso).astimezone()
+    except ValueError:
+        return iso
+    if moment.date() == datetime.datetime.now().astimezone().date():
+        return moment.strftime("%H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M")

@@ -559,7 +559,8 @@ class RawClient:
 
     async def hello(self, max_request: int = MIB, *, crc32: bool = False) -> ev.HelloReply:
         checksums = frozenset({ev.Checksum.CRC32}) if crc32 else frozenset()
-        await self.send_event(ev.Hello(1, 1, max_request, checksums, "raw-test/1"))
+        hello = ev.Hello(wire.VERSION, wire.VERSION, max_request, checksums, "raw-test/1")
+        await self.send_event(hello)
         reply = await self.read_event()
         assert isinstance(reply, ev.HelloReply), reply
         self.hello_reply = reply

@@ -1,8 +1,8 @@
 """The admin API and pvsctl against a real site: three pvsd processes on 127.0.0.11-13.
 
 One site serves the whole module (starting it is most of the cost); each test uses its own
-vDisk so that the order of the tests does not matter: ``gold`` (replication status, modified
-last), ``base`` (targets), ``tools`` (settings).
+vDisk so that the order of the tests does not matter: ``gold`` (replication status: damaged,
+then another version on one server), ``base`` (targets), ``tools`` (settings).
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ from typing import Any
 import pytest
 from harness import Pvsd, free_port, logged_in, random_bytes
 
-from pvs_protocol import coordination as co
-from pvs_protocol.identity import ReplicaIdentity
 from pvsd.admin_auth import sign
 from pvsd.config import read_key
 from pvsd.console import UserError
 from pvsd.console.client import AdminClient
 from pvsd.properties import load_properties, properties_path
-from pvsd.replication import Holder, replication_report
 
 MIB = 1024 * 1024
 HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
@@ -198,53 +195,56 @@ def test_every_server_lists_the_whole_site(site: Site) -> None:
 # -- replication -----------------------------------------------------------------------------
 
 
-def test_copies_are_identical_until_one_is_changed(site: Site) -> None:
+def test_copies_are_identical_until_one_is_damaged_then_another_version(site: Site) -> None:
     gold = vdisk(site.client(2).get("/v1/vdisks"), "gold")
     assert statuses(gold) == {"s1": "identical", "s2": "identical", "s3": "identical"}
     assert sorted(gold["failover_candidates"]) == ["s1", "s2", "s3"]
     assert gold["high_availability"] and gold["settings"]["mode"] == "standard"
+    assert gold["damaged"] == []
     reference = gold["reference"]
     assert all(replica["identity"] == reference for replica in gold["replicas"])
+    assert all(isinstance(replica["scrub"], dict) for replica in gold["replicas"]), gold
 
+    offset = 20000  # in the second 16 KiB block
     image = site.stores[2] / "gold.img"
     with image.open("r+b") as file:
+        file.seek(offset)
         file.write(b"changed on s3 only")
 
-    def s3_differs() -> dict[str, Any] | None:
+    def s3_damaged() -> dict[str, Any] | None:
         entry = vdisk(site.client(0).get("/v1/vdisks"), "gold")
         s3 = next(r for r in entry["replicas"] if r["server"] == "s3")
-        return entry if s3["status"] == "different" else None
+        return entry if s3["status"] == "damaged" and s3["damage"]["found_by"] else None
 
-    gold = until(s3_differs, 10, "s3's copy of gold to differ")
+    gold = until(s3_damaged, 15, "s3 to find its copy of gold damaged")
     s3 = next(r for r in gold["replicas"] if r["server"] == "s3")
-    assert {"content", "timestamp"} <= set(s3["differences"])
-    assert gold["reference"] == reference, "two identical copies outvote one changed copy"
+    block_size = reference["block_size"]
+    assert s3["damage"]["first_offset"] == offset // block_size * block_size, s3
+    assert s3["damage"]["bad_blocks"] >= 1 and s3["damage"]["since"], s3
+    assert s3["identity"] == reference, "a damaged copy still shows which manifest it has"
+    assert gold["reference"] == reference and gold["damaged"] == ["s3"]
     assert sorted(gold["failover_candidates"]) == ["s1", "s2"]
     table = site.pvsctl("vdisks")
     assert table.returncode == 0, table.stderr
-    assert "different (timestamp, content)" in table.stdout
+    assert f"DAMAGED at offset {s3['damage']['first_offset']}" in table.stdout, table.stdout
 
+    # The change was meant: make it version 2 on s3. Its manifest is now the newest version
+    # and the reference; the two untouched copies are the old version, not damaged.
+    made = pvsctl("vdisk", "manifest", "gold", "--store", str(site.stores[2]), "--version", "2")
+    assert made.returncode == 0, made.stderr
 
-def test_replication_report_marks_pending_and_down_servers() -> None:
-    one = ReplicaIdentity(1, 10, 4096, b"a" * 32)
-    other = ReplicaIdentity(1, 20, 4096, b"b" * 32)
+    def s3_is_the_reference() -> dict[str, Any] | None:
+        entry = vdisk(site.client(1).get("/v1/vdisks"), "gold")
+        return entry if statuses(entry) == {
+            "s1": "different", "s2": "different", "s3": "identical",
+        } else None
 
-    def holder(server: str, identity: ReplicaIdentity | None, state: str = "serving") -> Holder:
-        entry = co.ReplicaEntry("d", 1, False, True, 0, "", False, identity)
-        return Holder(server, state, entry, is_self=server == "a")
-
-    report = replication_report([
-        holder("a", one), holder("b", one), holder("c", None), holder("d", other, "down"),
-        holder("e", one, "stopped"),
-    ])
-    (entry,) = report
-    assert statuses(entry) == {
-        "a": "identical", "b": "identical", "c": "pending", "d": "different", "e": "identical",
-    }
-    assert entry["failover_candidates"] == ["a", "b"]
-    d = next(r for r in entry["replicas"] if r["server"] == "d")
-    assert d["differences"] == ["timestamp", "content"]
-    assert replication_report([holder("a", None)])[0]["replicas"][0]["status"] == "pending"
+    gold = until(s3_is_the_reference, 15, "s3's version 2 of gold to become the reference")
+    assert gold["reference"]["version"] == 2 and gold["failover_candidates"] == ["s3"]
+    s1 = next(r for r in gold["replicas"] if r["server"] == "s1")
+    assert s1["differences"] == ["version", "timestamp"], s1
+    table = site.pvsctl("vdisks", index=1)
+    assert "different (version, timestamp)" in table.stdout, table.stdout
 
 
 # -- targets ---------------------------------------------------------------------------------
@@ -319,7 +319,10 @@ def test_vdisk_set_through_the_api_changes_every_server(site: Site) -> None:
 
     result = site.pvsctl("vdisk", "set", "tools", "--version", "2", index=0)
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.splitlines()) == ["s1: saved", "s2: saved", "s3: saved"]
+    lines = sorted(result.stdout.splitlines())
+    assert [line.split(";")[0] for line in lines] == ["s1: saved", "s2: saved", "s3: saved"]
+    roots = {line.rsplit("root ", 1)[-1] for line in lines}
+    assert len(roots) == 1, f"one new manifest on every server, not one each: {lines}"
 
     def version_2() -> bool:
         tools = vdisk(site.client(1).get("/v1/vdisks"), "tools")

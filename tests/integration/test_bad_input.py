@@ -116,7 +116,7 @@ async def _setup(client: RawClient, phase: str) -> None:
 # -- protocol errors: the connection ends with GOODBYE <code> ------------------------------------
 
 _READ = struct.pack(">QI", 0, 512)
-_HELLO = encoded(ev.Hello(1, 1, MIB, frozenset(), "raw"))
+_HELLO = encoded(ev.Hello(2, 2, MIB, frozenset(), "raw"))
 _LOGIN = encoded(ev.Login("raw-target", GOOD))
 
 
@@ -216,7 +216,7 @@ BREACHES = {
         ErrorCode.UNSUPPORTED_VERSION, "version",
     ),
     "max_request below 512": Breach(
-        "hello", encoded(ev.Hello(1, 1, 511, frozenset(), "tiny")),
+        "hello", encoded(ev.Hello(2, 2, 511, frozenset(), "tiny")),
         ErrorCode.MALFORMED, "512",
     ),
 }
@@ -297,7 +297,7 @@ async def test_reserved_flag_bits_and_unused_request_ids_are_ignored(
 ) -> None:
     """A receiver ignores reserved header flag bits, and the request id of frames that carry
     none (docs/protocol.md, Frame header): such frames are served as if they were clean."""
-    hello = encoded(ev.Hello(1, 1, MIB, frozenset(), "raw"))
+    hello = encoded(ev.Hello(2, 2, MIB, frozenset(), "raw"))
     await client.send(frame(FrameType.HELLO, hello[wire.HEADER_SIZE :], 0xDEAD, flags=0xFE))
     assert isinstance(await client.read_event(), ev.HelloReply)
     await client.send(frame(FrameType.KEEPALIVE, struct.pack(">Q", 5), 77, flags=0x80))
@@ -472,7 +472,7 @@ async def test_flood_of_garbage(victim: Victim, client: RawClient, phase: str, s
 
 async def test_frames_split_into_single_bytes_are_served(victim: Victim, client: RawClient) -> None:
     """TCP may cut frames anywhere: a target whose every byte arrives alone is served."""
-    hello = encoded(ev.Hello(1, 1, MIB, frozenset(), "raw"))
+    hello = encoded(ev.Hello(2, 2, MIB, frozenset(), "raw"))
     login = encoded(ev.Login("raw-target", GOOD))
     stream = [hello, login, read_frame_bytes(1, 0, 4096), read_frame_bytes(2, MIB, 512)]
     for data in stream:

@@ -1,9 +1,10 @@
-"""A site of real servers: least-busy login by power, identity sets, peers down, forged
+"""A site of real servers: least-busy login by power, damaged replicas, peers down, forged
 coordination datagrams, load balancing off."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections import Counter
@@ -41,7 +42,7 @@ async def test_logins_spread_by_power_rating(tmp_path: Path) -> None:
             await asyncio.gather(*(s.close() for s in sessions))
 
 
-async def test_modified_replica_leaves_the_identical_set(tmp_path: Path) -> None:
+async def test_modified_replica_is_damaged_and_never_served(tmp_path: Path) -> None:
     with running_site(tmp_path) as site:
         s1, s2, s3 = site.servers
         first = await login([s1.address], "disk", "pinned-early")
@@ -51,15 +52,24 @@ async def test_modified_replica_leaves_the_identical_set(tmp_path: Path) -> None
             handle.seek(4096)
             handle.write(b"changed")
         started = time.monotonic()
-        s3.wait_for_log("identity_published", count=2, vdisk="disk", timeout=10)
-        for other in (s1, s2):  # the new identity reached the peers: bounded time
+        s3.wait_for_log("replica_damaged", vdisk="disk", first_bad_offset=0, timeout=10)
+        for other in (s1, s2):  # the damage reached the peers: bounded time
             other.wait_for_log("peer_inventory", peer="s3", generation=lambda g: g >= 2)
         print(f"modified replica left the identical set in {time.monotonic() - started:.2f} s")
-        for n in range(12):  # whoever is pinned never lands on s3 again
+        for n in range(12):  # neither pinned nor new targets ever land on s3 again
             session = await login([s3.address], "disk", f"p{n}", pinned=pinned)
             assert session.server_name != "s3"
             assert session.identity == pinned
             await session.close()
+            fresh = await login([s3.address], "disk", f"n{n}")
+            assert fresh.server_name != "s3" and fresh.identity == pinned
+            await fresh.close()
+        admin = ["--admin", f"{s3.host}:{s3.port + 1}", "--key-file", str(site.key)]
+        assert "DAMAGED" in pvsctl(*admin, "vdisks")
+        (disk,) = json.loads(pvsctl(*admin, "vdisks", "--json"))["vdisks"]
+        damaged = next(r for r in disk["replicas"] if r["server"] == "s3")
+        assert damaged["status"] == "damaged" and damaged["damage"]["first_offset"] == 0
+        assert disk["reference"]["digest"] == pinned.digest.hex()
 
 
 async def test_killed_peer_is_marked_down_and_gets_no_logins(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from pvsd.balance import (
 A = ReplicaIdentity(1, 1_000, 4096, b"a" * 32)
 A_TOUCHED = ReplicaIdentity(1, 2_000, 4096, b"a" * 32)
 B_NEWER = ReplicaIdentity(2, 3_000, 4096, b"b" * 32)
+B_OLDER = ReplicaIdentity(2, 500, 4096, b"c" * 32)
+"""Version 2 made before A was: the version wins over the time."""
 NET1 = ipaddress.ip_network("10.1.0.0/24")
 NET2 = ipaddress.ip_network("10.2.0.0/24")
 
@@ -92,14 +94,57 @@ def test_pinned_identity_only_goes_to_identical_replicas() -> None:
     assert isinstance(result, Refusal) and result.code is ErrorCode.NO_IDENTICAL_REPLICA
 
 
-def test_new_target_gets_highest_version_then_majority() -> None:
-    assert preferred_identity([A, A_TOUCHED, A]) == A
+def test_new_target_gets_highest_version_then_newest_manifest_without_a_vote() -> None:
+    assert preferred_identity([A, A_TOUCHED, A]) == A_TOUCHED, "two copies do not outvote one"
     assert preferred_identity([A, A, B_NEWER]) == B_NEWER
+    assert preferred_identity([B_OLDER, A_TOUCHED, A_TOUCHED]) == B_OLDER
+    assert preferred_identity([A, None]) == A
     assert preferred_identity([None]) is None
+    assert preferred_identity([]) is None
     site = [server("s1", identity=A), server("s2", identity=A, targets=1),
-            server("s3", identity=A_TOUCHED)]
-    result = choose(site, "disk", me="s3")
-    assert isinstance(result, Placement) and result.identity == A and result.server == "s1"
+            server("s3", identity=A_TOUCHED, targets=5)]
+    result = choose(site, "disk", me="s1")
+    assert isinstance(result, Placement) and result.identity == A_TOUCHED
+    assert result.server == "s3"
+
+
+def test_count_breaks_only_a_tie_of_version_and_time() -> None:
+    same_time = ReplicaIdentity(1, 1_000, 4096, b"z" * 32)
+    assert preferred_identity([same_time, A, A]) == A
+    assert preferred_identity([same_time, same_time, A]) == same_time
+    assert preferred_identity([A, same_time]) == preferred_identity([same_time, A])
+
+
+def test_damaged_replica_is_never_a_candidate() -> None:
+    site = [server("s1", identity=A, damaged=True), server("s2", identity=A, targets=50)]
+    assert placed(choose(site, "disk", me="s1")) == "s2"
+    assert placed(choose(site, "disk", me="s1", pinned=A)) == "s2"
+
+
+def test_damaged_newer_version_does_not_become_the_reference() -> None:
+    site = [server("s1", identity=B_NEWER, damaged=True), server("s2", identity=A, targets=9)]
+    result = choose(site, "disk", me="s1")
+    assert isinstance(result, Placement) and result.identity == A and result.server == "s2"
+
+
+def test_only_damaged_copies_left_is_a_refusal_that_says_so() -> None:
+    result = choose([server("s1", identity=A, damaged=True)], "disk", me="s1")
+    assert isinstance(result, Refusal) and result.code is ErrorCode.NO_IDENTICAL_REPLICA
+    assert "damaged" in result.message
+    site = [server("s1", identity=A, damaged=True), server("s2", identity=A_TOUCHED)]
+    result = choose(site, "disk", me="s2", pinned=A)
+    assert isinstance(result, Refusal) and result.code is ErrorCode.NO_IDENTICAL_REPLICA
+    assert "not damaged" in result.message
+    checking = [server("s1", identity=A, damaged=True), server("s2", identity=None)]
+    result = choose(checking, "disk", me="s1")
+    assert isinstance(result, Refusal) and result.code is ErrorCode.IDENTITY_PENDING
+
+
+def test_damaged_fixed_server_copy_is_not_served() -> None:
+    off = {"load_balancing": False, "fixed_server": "s1"}
+    site = [server("s1", damaged=True, **off), server("s2", **off)]
+    result = choose(site, "disk", me="s2")
+    assert isinstance(result, Refusal) and "damaged" in result.message
 
 
 def test_load_balancing_off_uses_the_fixed_server_only() -> None:
