@@ -139,7 +139,7 @@ BREACHES = {
     "http request": Breach("hello", b"GET / HTTP/1.1\r\nHost: pvs\r\n\r\n", ErrorCode.MALFORMED,
                            "magic"),
     "type 0x00": Breach("hello", frame(0x00), ErrorCode.UNKNOWN_TYPE, "type"),
-    "type 0x06": Breach("login", frame(0x06), ErrorCode.UNKNOWN_TYPE, "type"),
+    "type 0x09": Breach("login", frame(0x09), ErrorCode.UNKNOWN_TYPE, "type"),
     "type 0x7f streaming": Breach("streaming", frame(0x7F, b"", 1), ErrorCode.UNKNOWN_TYPE,
                                   "type"),
     "type 0xff": Breach("hello", frame(0xFF), ErrorCode.UNKNOWN_TYPE, "type"),
@@ -212,7 +212,7 @@ BREACHES = {
     ),
     # negotiation
     "unsupported version": Breach(
-        "hello", encoded(ev.Hello(2, 3, MIB, frozenset(), "future")),
+        "hello", encoded(ev.Hello(3, 4, MIB, frozenset(), "future")),
         ErrorCode.UNSUPPORTED_VERSION, "version",
     ),
     "max_request below 512": Breach(
