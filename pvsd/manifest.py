@@ -218,8 +218,12 @@ class ManifestFile:
             os.fdatasync(self._wfd)
 
 
-def write_manifest(image: Path, manifest: mf.Manifest) -> Path:
-    """Write ``NAME.manifest`` beside ``image`` atomically (temporary file, fsync, rename)."""
+def write_manifest(image: Path, manifest: mf.Manifest, *, exclusive: bool = False) -> Path:
+    """Write ``NAME.manifest`` beside ``image`` atomically (temporary file, fsync, rename).
+
+    ``exclusive``: only if there is none (FileExistsError otherwise). pvsd adopting an image
+    uses it, so a manifest the administrator copies in meanwhile (rsync sends NAME.img before
+    NAME.manifest) is never overwritten by one made from a copy's own content."""
     path = manifest_path(image)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -228,7 +232,11 @@ def write_manifest(image: Path, manifest: mf.Manifest) -> Path:
             file.write(manifest.encode())
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        if exclusive:
+            os.link(temporary, path)  # fails if one exists; rename would replace it
+            os.unlink(temporary)
+        else:
+            os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -579,7 +579,12 @@ class Catalog(Mapping[str, VDisk]):
         )
         if not self._current(vdisk) or key != vdisk.stat:
             return None
-        write_manifest(vdisk.path, manifest)
+        try:
+            write_manifest(vdisk.path, manifest, exclusive=True)
+        except FileExistsError:
+            log.info("manifest_arrived", hint="a manifest was copied in while one was being "
+                     "made from the image: the copied one is used")
+            return await asyncio.to_thread(load_manifest, vdisk.path, shared=vdisk.store.shared)
         write_verified(vdisk.path, Verified(key, node_digest(manifest.levels[-1])), log=log)
         log.warning(
             "manifest_adopted", identity=manifest.identity.short, path=str(vdisk.path),
