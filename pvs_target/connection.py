@@ -38,6 +38,8 @@ from pvs_target.address import Address, parse_address
 SOFTWARE = "pvs-target/0.1"
 RECEIVE_CHUNK = 256 * 1024
 """Size of the reusable receive buffer: one ``recv_into`` at most."""
+LINGER = 5.0
+"""Longest a connection we ended waits for the server to close it (see ``end``)."""
 SOCKET_RECEIVE_BUFFER = 4 * 1024 * 1024
 """SO_RCVBUF, set before connecting so the window scale fits; enough for 32 x 128 KiB."""
 _MAX_REQUEST_ID = (1 << 64) - 1
@@ -240,6 +242,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         """``read_now`` requests beyond ``max_in_flight``, sent as slots come back."""
         self.last_heard = self._loop.time()
         """When a byte last arrived: the failover layer declares a silent server gone."""
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -342,11 +345,17 @@ class StreamConnection(asyncio.BufferedProtocol):
 
     def end(self, code: ErrorCode, message: str) -> None:
         """Say GOODBYE with ``code`` and close without waiting: what was sent before (a
-        DAMAGED report) still leaves, unlike with ``abort``. Every waiter fails now."""
+        DAMAGED report) still leaves, unlike with ``abort``. Every waiter fails now.
+
+        Only our sending side is shut (FIN after GOODBYE), and what the server still sends is
+        read and dropped until it closes, for at most ``LINGER`` seconds: closing a socket
+        with unread data makes the kernel reset the connection, and a server that had stopped
+        reading (its replies to us were backed up) would lose the report with it."""
         self._fail(
             ConnectionLost(f"connection to {self.server} was closed by the target: {message}",
                            code=code),
             goodbye=ev.Goodbye(code, message),
+            linger=True,
         )
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -516,7 +525,9 @@ class StreamConnection(asyncio.BufferedProtocol):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _fail(self, failure: ClientError, *, goodbye: ev.Goodbye | None = None) -> None:
+    def _fail(
+        self, failure: ClientError, *, goodbye: ev.Goodbye | None = None, linger: bool = False
+    ) -> None:
         """End the connection: tell the server why if we can, then fail every waiter."""
         if self._failure is not None:
             return
@@ -526,7 +537,11 @@ class StreamConnection(asyncio.BufferedProtocol):
             if goodbye is not None and self._protocol.phase is not Phase.CLOSED:
                 with contextlib.suppress(ProtocolError, ValueError):  # then just close
                     self._write(self._protocol.send_buffers(goodbye))
-            transport.close()  # still sends what is buffered, GOODBYE included
+            if linger and transport.can_write_eof():
+                transport.write_eof()  # after what is buffered, GOODBYE included
+                self._linger = self._loop.call_later(LINGER, transport.abort)
+            else:
+                transport.close()  # still sends what is buffered, GOODBYE included
         pending = list(self._pending.values())
         self._pending.clear()
         if self._slots is not None:
@@ -603,6 +618,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         return None  # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         reason = f"connection to {self.server} lost: {exc}" if exc else (
             f"{self.server} closed the connection"
         )

@@ -261,6 +261,7 @@ def _set(args: argparse.Namespace) -> None:
         raise UserError(f"cannot change vDisk {args.name}: {option} {error.problem}") from None
     manifest = None
     if "version" in changes:  # a new version of the same bytes: a new manifest identity
+        mfc.refuse_while_written(image, args.name, f"make version {changes['version']}")
         manifest = mfc.restamp(image, changes["version"], time.time_ns())
     save_properties(path, updated)
     shown = {key: _on_off_text(value) for key, value in changes.items()}
@@ -327,6 +328,7 @@ def _manifest(args: argparse.Namespace) -> None:
     validate_name(args.name)
     store = mfc.store_directory(args.store)
     image = mfc.existing_image(store, args.name)
+    mfc.refuse_while_written(image, args.name, "make a new manifest")
     path = properties_path(image)
     properties = load_properties(path)
     version = properties.version if args.version is None else args.version

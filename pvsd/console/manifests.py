@@ -32,6 +32,7 @@ from pvs_protocol import manifest as mf
 from pvs_protocol.identity import DIGEST_SIZE
 from pvsd.console import UserError
 from pvsd.identity import ImageChanged
+from pvsd.locks import lock_path, read_owner
 from pvsd.manifest import build_manifest, load_manifest, manifest_path, verify_image, write_manifest
 
 STORE_ENV = "PVS_STORE"
@@ -75,6 +76,36 @@ def existing_image(store: Path, name: str) -> Path:
             f"`pvsctl vdisk show --store {store}`"
         )
     return image
+
+
+def refuse_while_written(image: Path, name: str, what: str) -> None:
+    """Refuse ``what`` (a new manifest or version) while a target writes the image.
+
+    The writer's server keeps the manifest of a Private Image up to date block by block as it
+    writes; a manifest made here meanwhile would describe bytes that are already gone (or be
+    overwritten by the server's next update), and a re-stamp would give the writer's changing
+    content a version an administrator believes fixed. The writer lock (``NAME.lock``, see
+    `pvsd.locks`) says a target writes it.
+    """
+    owner = read_owner(image)
+    if owner is None:
+        return
+    lock = lock_path(image)
+    if owner.server == "?":
+        holder = f"a writer (its lock {lock} cannot be read)"
+    else:
+        since = datetime.datetime.fromtimestamp(owner.since, datetime.UTC).astimezone()
+        holder = (
+            f"device {owner.device!r} through server {owner.server} "
+            f"(since {since:%Y-%m-%d %H:%M:%S})"
+        )
+    raise UserError(
+        f"cannot {what} of vDisk {name}: it is a Private Image that a target writes now, "
+        f"{holder}; detach that target first (stop its pvs-target), then run the command "
+        f"again. A lock left by a crashed server is removed when its device logs in again or "
+        f"a peer declares that server down; if none will, and no target is attached, delete "
+        f"{lock} by hand"
+    )
 
 
 # -- making manifests -------------------------------------------------------------------------
@@ -249,7 +280,8 @@ def verify(image: Path, name: str) -> Checked:
 def _fix(name: str) -> str:
     return (
         f"this copy must not be served: copy {name}.img and {name}.manifest over it from a server "
-        "whose copy `pvsctl vdisks` shows as identical (cp -p or rsync -t), or, if these bytes "
+        "whose copy `pvsctl vdisks` shows as identical (cp, or rsync -t --ignore-times: plain "
+        "rsync skips a damaged copy whose size and time match), or, if these bytes "
         f"are a change you meant, make them a new version: `pvsctl vdisk manifest {name}`"
     )
 

@@ -5,6 +5,7 @@ Real files and real ``python -m pvsd.ctl`` processes; no pvsd is needed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -145,3 +146,43 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert said in result.stderr, (args, result.stderr)
     assert not list(store.iterdir()), "a refused command leaves nothing behind"
+
+
+def test_a_private_image_being_written_gets_no_new_manifest_or_version(tmp_path: Path) -> None:
+    """The writer's server updates the manifest of a Private Image as it writes: pvsctl must
+    not make or re-stamp one under it, whatever the writer lock (``NAME.lock``) says."""
+    store = tmp_path / "store"
+    store.mkdir()
+    created = pvsctl("vdisk", "create", "priv", "--size", "1M", "--store", str(store),
+                     "--mode", "private")
+    assert created.returncode == 0, created.stderr
+    manifest = (store / "priv.manifest").read_bytes()
+    properties = (store / "priv.vdisk.toml").read_text()
+    lock = store / "priv.lock"  # what pvsd.locks writes for the writer's session
+    lock.write_text(json.dumps(
+        {"server": "pvs7", "session": 42, "device": "kiosk-3", "since": 1_700_000_000.0}))
+    for args in (("vdisk", "manifest", "priv", "--store", str(store)),
+                 ("vdisk", "manifest", "priv", "--version", "3", "--store", str(store)),
+                 ("vdisk", "set", "priv", "--store", str(store), "--version", "2")):
+        refused = pvsctl(*args)
+        assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+        message = refused.stderr
+        assert message.startswith("pvsctl: cannot make") and message.count("\n") == 1, message
+        assert "a target writes now" in message and "detach that target first" in message
+        assert "'kiosk-3'" in message and "pvs7" in message, message
+        assert (store / "priv.manifest").read_bytes() == manifest, args
+        assert (store / "priv.vdisk.toml").read_text() == properties, args
+
+    lock.write_text("{not json")  # unreadable: still a writer, and said so
+    unreadable = pvsctl("vdisk", "manifest", "priv", "--store", str(store))
+    assert unreadable.returncode == 2 and "cannot be read" in unreadable.stderr, unreadable.stderr
+
+    allowed = pvsctl("vdisk", "set", "priv", "--store", str(store), "--description", "kiosk")
+    assert allowed.returncode == 0, allowed.stderr  # only the version is held back
+
+    lock.unlink()  # detached: both work again
+    remade = pvsctl("vdisk", "manifest", "priv", "--store", str(store))
+    assert remade.returncode == 0, remade.stderr
+    restamped = pvsctl("vdisk", "set", "priv", "--store", str(store), "--version", "2")
+    assert restamped.returncode == 0, restamped.stderr
+    assert manifest_of(store, "priv").version == 2
