@@ -46,6 +46,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pvs_protocol.manifest import Manifest
+
 ROOT = Path(__file__).resolve().parent.parent
 READER = Path(__file__).resolve().parent / "lab_reader.py"
 PREFIX = "pvslab-"
@@ -117,6 +119,9 @@ class State:
     cut: list[str] = dataclasses.field(default_factory=list)
     netem: dict[str, str] = dataclasses.field(default_factory=dict)
     sha256: str = ""
+    """Of the vDisk's bytes: what every whole pass of a reader must hash to."""
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Of the vDisk's manifest (ReplicaIdentity.to_json): what every target must pin."""
     nbd: bool = False
     nbd_error: str = ""
 
@@ -302,9 +307,14 @@ class Lab:
             "vdisk", "set", VDISK, "--store", str(first), "--subnet-affinity", "best_effort"
         )
         for server in self.state.servers[1:]:
-            for suffix in (".img", ".vdisk.toml"):  # never the identity cache nor a lock
+            # The version's manifest travels with the image (the manifest first, as
+            # docs/deploy.md says), so every server checks its copy against the one manifest
+            # instead of making its own; never the verified record nor a lock.
+            for suffix in (".manifest", ".vdisk.toml", ".img"):
                 shutil.copy2(first / f"{VDISK}{suffix}", self.store(server) / f"{VDISK}{suffix}")
         self.state.sha256 = sha256_of(first / f"{VDISK}.img")
+        manifest = Manifest.decode((first / f"{VDISK}.manifest").read_bytes())
+        self.state.identity = manifest.identity.to_json()
         self.save()
 
     def _start_servers(self) -> None:
@@ -313,7 +323,10 @@ class Lab:
         deadline = time.monotonic() + START_TIMEOUT
         for server in self.state.servers:
             self.wait_for_log(server.name, "listening", deadline)
-            self.wait_for_log(server.name, "identity_published", deadline, vdisk=VDISK)
+            self.wait_for_log(
+                server.name, "identity_published", deadline, vdisk=VDISK,
+                identity=self._identity_label(),
+            )
             for other in self.state.servers:
                 if other is not server:
                     self.wait_for_log(server.name, "peer_inventory", deadline, peer=other.name)
@@ -339,7 +352,18 @@ class Lab:
         self._spawn_server(server)
         deadline = time.monotonic() + START_TIMEOUT
         self.wait_for_log(name, "listening", deadline, since=since)
-        self.wait_for_log(name, "identity_published", deadline, since=since, vdisk=VDISK)
+        self.wait_for_log(
+            name, "identity_published", deadline, since=since, vdisk=VDISK,
+            identity=self._identity_label(),
+        )
+
+    def _identity_label(self) -> str:
+        """How pvsd logs the identity of the manifest copied to every server
+        (ReplicaIdentity.short). A server that made a manifest of its own would publish
+        another one, and its copy would not be identical to the others: waiting for this
+        label, not for any identity, catches that."""
+        identity = self.state.identity
+        return f"v{identity['version']}:{identity['digest'][:12]}"
 
     def _start_targets(self) -> None:
         targets = self.state.targets
@@ -688,6 +712,7 @@ class Lab:
             targets.append(entry)
         return {
             "workdir": str(self.workdir), "vdisk": VDISK, "sha256": self.state.sha256,
+            "identity": self.state.identity,
             "nbd": self.state.nbd, "nbd_error": self.state.nbd_error,
             "servers": servers, "targets": targets,
         }
@@ -847,7 +872,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_status(status: dict[str, Any]) -> None:
     nbd = "NBD export" if status["nbd"] else f"no NBD export ({status['nbd_error'] or 'off'})"
     print(f"lab in {status['workdir']}: vDisk {status['vdisk']} "
-          f"sha256 {status['sha256'][:16]}…, targets with {nbd}")
+          f"sha256 {status['sha256'][:16]}…, manifest "
+          f"v{status['identity'].get('version', '?')}:{status['identity'].get('digest', '')[:12]}"
+          f", targets with {nbd}")
     print(f"{'server':<8}{'address':<18}{'pid':>8}  {'process':<8}{'link':<6}{'state':<10}"
           f"{'up':<6}targets")
     for s in status["servers"]:

@@ -147,16 +147,39 @@ class ManifestFile:
             self._wfinalizer()
 
     def open_for_writing(self) -> None:
-        """Open the same file for in-place updates (a Private Image's writer logged in).
-        OSError if it cannot be opened, or if another file has replaced it meanwhile."""
-        if self.writable:
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        if os.fstat(fd).st_ino != os.fstat(self.fd).st_ino:
-            os.close(fd)
+        """Open the same file for in-place updates (a Private Image's writer logged in, so
+        this server holds the writer lock). OSError if it cannot be opened, or if another
+        file has replaced it meanwhile.
+
+        On a shared store another server's writer may have updated the file since this
+        server loaded it; the upper levels kept in memory would then be stale, and writing
+        them back with this writer's changes would leave a tree that does not follow from its
+        leaves. So the tree is taken again from the leaves on disk (authoritative now that
+        the lock is ours) at every writer's login: a pass over the digests, not the image."""
+        if not self.writable:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            if os.fstat(fd).st_ino != os.fstat(self.fd).st_ino:
+                os.close(fd)
+                raise OSError(errno.ESTALE, "manifest file replaced meanwhile", str(self.path))
+            self._wfd, self.writable = fd, True
+            self._wfinalizer = weakref.finalize(self, os.close, fd)
+        elif os.stat(self.path).st_ino != os.fstat(self._wfd).st_ino:
             raise OSError(errno.ESTALE, "manifest file replaced meanwhile", str(self.path))
-        self._wfd, self.writable = fd, True
-        self._wfinalizer = weakref.finalize(self, os.close, fd)
+        with self._lock:
+            self._reload_tree()
+
+    def _reload_tree(self) -> None:
+        data = _read_all(self._wfd, os.fstat(self._wfd).st_size)
+        leaves = data[mf.HEADER_SIZE : mf.HEADER_SIZE + self.shape.blocks * DIGEST_SIZE]
+        if len(leaves) != self.shape.blocks * DIGEST_SIZE:
+            raise OSError(errno.EIO, "manifest file shorter than its header says", str(self.path))
+        fresh = mf.Manifest.build(self.version, self.created_ns, self.size, self.block_size,
+                                  leaves)
+        encoded = fresh.encode()
+        if data != encoded:  # another writer's updates, or a crash between them
+            os.pwrite(self._wfd, encoded, 0)
+        self._upper = [bytearray(level) for level in fresh.levels[1:]]
+        self.root = fresh.root
 
     def leaves(self, first: int, count: int) -> bytes:
         """Leaf digests of blocks ``first`` .. ``first + count`` (pread from the file)."""

@@ -15,6 +15,7 @@ anyway; uvloop has no ``loop.sendfile``; and on this machine one loopback stream
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import secrets
@@ -298,6 +299,9 @@ class Session(asyncio.Protocol):
                 self._refuse(ErrorCode.IO_ERROR, f"cannot open {vdisk.name} for writing: "
                              f"{error.strerror}; check the image file's permissions", login)
                 return
+            if manifest.identity != reply.identity:  # another server's writer wrote it since
+                reply = dataclasses.replace(reply, identity=manifest.identity)
+                self.server.catalog.wrote(vdisk, manifest.identity, tell=True)
         self.vdisk, self.device_id, self.session_id = vdisk, login.device_id, reply.session_id
         self.identity = reply.identity
         self.image = vdisk.file

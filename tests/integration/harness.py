@@ -32,6 +32,8 @@ from typing import Any
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
+from pvs_protocol.identity import ReplicaIdentity
+from pvs_protocol.manifest import Manifest, hash_blocks
 from pvs_target.client import Session, login, read_range
 
 PYTHON = sys.executable
@@ -411,6 +413,25 @@ def make_vdisk(store: Path, name: str, size: int, seed: int | None = 0) -> str:
     digest = hashlib.sha256(image_path(store, name).read_bytes()).hexdigest()
     assert digest == hashlib.sha256(data).hexdigest(), "pvsctl did not store the bytes given"
     return digest
+
+
+def manifest_path(store: Path, name: str) -> Path:
+    return store / f"{name}.manifest"
+
+
+def manifest_identity(store: Path, name: str) -> ReplicaIdentity:
+    """The identity of the manifest beside vDisk ``name``'s image, read from the file itself.
+
+    ``Manifest.decode`` checks every level and the root; the block digests are then compared
+    with digests of the image's bytes computed here, so a test that compares a server's
+    identity with this one checks it against the bytes on disk, not against the server.
+    """
+    manifest = Manifest.decode(manifest_path(store, name).read_bytes())
+    data = image_path(store, name).read_bytes()
+    assert manifest.size == len(data), f"manifest of {name} says {manifest.size} bytes"
+    leaves = b"".join(hash_blocks(data, manifest.block_size))
+    assert leaves == manifest.levels[0], f"the manifest of {name} does not match its image"
+    return manifest.identity
 
 
 def pvsctl(*args: str) -> None:

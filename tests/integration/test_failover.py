@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from harness import PYTHON, image_path
+from harness import PYTHON, image_path, manifest_identity
 from sites import SIZE, Site, pvsctl, restart, running_site, stop_async, until
 
 from pvs_target.failover import FailoverSettings, GaveUp, VDiskStream
@@ -254,18 +254,31 @@ async def test_no_failover_waits_for_its_server(
 
 
 
-async def test_no_identical_replica_means_waiting_never_other_bytes(site: Site) -> None:
+@pytest.mark.parametrize("other", ["damaged", "new version"])
+async def test_no_identical_replica_means_waiting_never_other_bytes(
+    site: Site, other: str
+) -> None:
+    """A pinned target whose server dies while the only other up server holds a copy that is
+    not identical (damaged, or another version: even the newer one, the site's reference)
+    waits, and reads nothing, until a server with an identical copy comes back."""
     s1 = site.servers[0]
     stream = VDiskStream([s1.address], "disk", "pinned", settings=FAST)
     await stream.open()
     try:
         home = site.by_name(stream.status()["server"]["name"])
         others = [s for s in site.servers if s is not home]
-        # one other replica changes content (a different replica); the other server stops
-        changed = image_path(others[0].stores[0], "disk")
+        # one other replica changes content; the other server stops
+        store = others[0].stores[0]
+        changed = image_path(store, "disk")
         with changed.open("r+b") as handle:
             handle.write(b"\xff" * 4096)
-        others[0].wait_for_log("identity_published", count=2, vdisk="disk")
+        if other == "damaged":  # no new manifest: its server finds the copy damaged
+            others[0].wait_for_log("replica_damaged", vdisk="disk", first_bad_offset=0)
+        else:  # the admin made the changed bytes version 2 on that server
+            pvsctl("vdisk", "manifest", "disk", "--store", str(store), "--version", "2")
+            new = manifest_identity(store, "disk")
+            assert new.version == 2
+            others[0].wait_for_log("identity_published", vdisk="disk", identity=new.short)
         others[1].stop()
         home.kill()
         pending = asyncio.create_task(stream.read(0, MIB))

@@ -27,13 +27,14 @@ from harness import (
     image_path,
     logged_in,
     make_vdisk,
+    manifest_identity,
     pvs_target,
     pvsctl,
     read_whole,
 )
 
 from pvs_protocol.errors import ErrorCode
-from pvs_target.client import ConnectionLost, LoginError, ServerError
+from pvs_target.client import ConnectionLost, LoginError, ServerError, Session
 
 SIZES = {
     "tiny": 512,
@@ -90,9 +91,16 @@ def test_cli_reads_whole_disk_byte_exact(
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     expected = site.images[vdisk]
+    identity = manifest_identity(site.store, vdisk)  # the manifest of the bytes on disk
     assert report["verified"] is True
-    assert report["sha256"] == sha256(expected)
-    assert report["identity"]["digest"] == sha256(expected)
+    verification = report["verification"]
+    assert verification["enabled"] is True and verification["root"] == identity.digest.hex()
+    assert verification["blocks_checked"] >= verification["blocks"] == -(
+        -len(expected) // identity.block_size
+    )
+    assert verification["mismatches"] == [] and verification["dropped_servers"] == []
+    assert report["sha256"] == sha256(expected)  # of the bytes read
+    assert report["identity"] == identity.to_json()
     assert report["bytes"] == report["identity"]["size"] == len(expected)
     assert output.read_bytes() == expected
 
@@ -126,7 +134,7 @@ async def test_library_reads_whole_disk_byte_exact(
         site.server.address, vdisk, "lib-target", max_request=max_request, checksum=checksum
     ) as session:
         assert session.size == len(expected)
-        assert session.identity.digest.hex() == sha256(expected)
+        assert session.identity == manifest_identity(site.store, vdisk)
         assert session.max_request <= max_request
         data = await read_whole(session, chunk=chunk)
     assert sha256(data) == sha256(expected)
@@ -205,10 +213,40 @@ def _flip(data: bytes) -> bytes:
     return bytes(byte ^ 0xFF for byte in data)
 
 
-@pytest.mark.parametrize("change", ["pwrite", "touch", "replace"])
-async def test_changed_replica_gets_a_new_identity_and_old_sessions_are_refused(
-    pvsd_factory: Servers, tmp_path: Path, change: str
+CHANGED = 3 * 16384 + 4096
+"""Where the in-place change lands: inside the fourth block of the default 16 KiB blocks."""
+
+
+async def _good_or_refused(session: Session, offset: int, expected: bytes) -> None:
+    """A session whose image file changed under it, though its content is again the version
+    it pinned: it is served those bytes, or refused (NO_IDENTICAL_REPLICA, retryable: it logs
+    in again, pinned). Never other bytes."""
+    try:
+        data = await session.connection.read(offset, len(expected))
+    except ServerError as refused:
+        assert refused.code is ErrorCode.NO_IDENTICAL_REPLICA
+        assert refused.retryable
+    else:
+        assert data == expected
+    assert session.connection.is_open
+
+
+@pytest.mark.parametrize(
+    ("change", "remedy"),
+    [
+        ("pwrite", "restore"),  # the admin copies the good bytes back: identical again
+        ("pwrite", "manifest"),  # the change was meant: `pvsctl vdisk manifest`, same version
+        ("replace", "manifest --version 2"),  # meant, and made version 2
+    ],
+)
+async def test_changed_standard_image_is_damaged_and_never_served_until_remedied(
+    pvsd_factory: Servers, tmp_path: Path, change: str, remedy: str
 ) -> None:
+    """A Standard Image whose bytes change without a new manifest is damaged: the session that
+    streamed it gets no byte of the new content (its requests are refused, its connection goes
+    on), and no target logs in to it. The copy is served again once the good bytes are back
+    (same identity: old sessions go on), or once the admin made the bytes a new version (new
+    identity: old sessions are refused, new ones get it)."""
     store = tmp_path / "store"
     make_vdisk(store, "live", MIB, seed=11)
     path = image_path(store, "live")
@@ -218,39 +256,124 @@ async def test_changed_replica_gets_a_new_identity_and_old_sessions_are_refused(
     async with logged_in(server.address, "live", "early-bird") as old:
         assert await old.connection.read(0, 8192) == original[:8192]
         old_identity = old.identity
+        assert old_identity == manifest_identity(store, "live")
+        block = old_identity.block_size
 
         if change == "pwrite":  # change bytes in place, as an admin's tool would
             fd = os.open(path, os.O_WRONLY)
             try:
-                assert os.pwrite(fd, _flip(original[4096:4608]), 4096) == 512
+                assert os.pwrite(fd, _flip(original[CHANGED : CHANGED + 512]), CHANGED) == 512
             finally:
                 os.close(fd)
-        elif change == "touch":  # same bytes, new modification time
-            os.utime(path)
+            first_bad = CHANGED - CHANGED % block
         else:  # a new file renamed over the image, as a careful copy tool does
             fresh = path.with_name(".live.img.new")
             fresh.write_bytes(_flip(original[:512]) + original[512:])
             os.replace(fresh, path)
+            first_bad = 0
         current = path.read_bytes()
         await server.until_log("identity_withdrawn", vdisk="live")
-        await server.until_log("identity_published", vdisk="live", count=2)
+        damaged = await server.until_log("replica_damaged", vdisk="live")
+        assert (damaged["first_bad_offset"], damaged["bad_blocks"]) == (first_bad, 1)
 
-        # The session that streamed the old replica gets no byte of the new one, neither in
-        # the changed range nor elsewhere, and its connection goes on (a request failure).
-        for offset in (4096, 0, MIB - 512):
+        # The session that streamed the old replica gets no byte of the changed one, neither
+        # in the changed range nor elsewhere, and its connection goes on (a request failure).
+        for offset in (CHANGED, 0, MIB - 512):
+            with pytest.raises(ServerError) as refused:
+                await old.connection.read(offset, 512)
+            assert refused.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+        assert old.connection.is_open
+
+        # Nobody logs in to a damaged copy, pinned or not.
+        for pinned in (None, old_identity):
+            with pytest.raises(LoginError) as refused_login:
+                async with logged_in(server.address, "live", "late-comer", pinned=pinned):
+                    pass
+            assert refused_login.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+
+        if remedy == "restore":  # the good copy back (cp -p of the image from a good server)
+            fresh = path.with_name(".live.img.good")
+            fresh.write_bytes(original)
+            os.replace(fresh, path)
+            await server.until_log(
+                "identity_published", vdisk="live", count=2, identity=old_identity.short
+            )
+            # The same version, verified again: the old session gets the good bytes, or is
+            # told to log in again (and its pinned login is served, below).
+            await _good_or_refused(old, CHANGED, original[CHANGED : CHANGED + 512])
+            current, new_identity = original, old_identity
+        else:
+            pvsctl("vdisk", *remedy.split(), "live", "--store", str(store))
+            new_identity = manifest_identity(store, "live")
+            await server.until_log("identity_published", vdisk="live",
+                                   identity=new_identity.short)
+            # A new version: the session of the old one is still refused every byte.
+            for offset in (CHANGED, 0, MIB - 512):
+                with pytest.raises(ServerError) as refused:
+                    await old.connection.read(offset, 512)
+                assert refused.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+            assert old.connection.is_open
+
+    async with logged_in(server.address, "live", "late-comer") as new:
+        assert new.identity == new_identity
+        expected = {
+            "restore": [],
+            "manifest": ["timestamp", "content"],
+            "manifest --version 2": ["version", "timestamp", "content"],
+        }[remedy]
+        assert old_identity.differences(new.identity) == expected
+        assert await read_whole(new) == current
+
+    # A target pinned to a version that no longer exists is refused, not served.
+    pinned_login = logged_in(server.address, "live", "early-bird", pinned=old_identity)
+    if remedy == "restore":
+        async with pinned_login as again:
+            assert await again.connection.read(CHANGED, 512) == current[CHANGED : CHANGED + 512]
+    else:
+        with pytest.raises(LoginError) as refused_login:
+            async with pinned_login:
+                pass
+        assert refused_login.value.code is ErrorCode.NO_IDENTICAL_REPLICA
+    assert not server.trouble()
+
+
+async def test_touched_standard_image_keeps_its_identity_until_a_new_version(
+    pvsd_factory: Servers, tmp_path: Path
+) -> None:
+    """A new modification time alone is not a new version: the image is checked against its
+    manifest again and keeps its identity, so sessions go on. `pvsctl vdisk set --version`
+    makes the same bytes a new version: then old sessions are refused and new ones get it."""
+    store = tmp_path / "store"
+    make_vdisk(store, "live", MIB, seed=11)
+    original = image_path(store, "live").read_bytes()
+    server = pvsd_factory("pvs1", store, vdisks=["live"], args=["--watch-interval", "0.1"])
+
+    async with logged_in(server.address, "live", "early-bird") as old:
+        assert await old.connection.read(0, 8192) == original[:8192]
+        old_identity = old.identity
+        os.utime(image_path(store, "live"))  # same bytes, new modification time
+        await server.until_log("identity_withdrawn", vdisk="live")
+        await server.until_log(
+            "identity_published", vdisk="live", count=2, identity=old_identity.short
+        )
+        assert manifest_identity(store, "live") == old_identity
+        await _good_or_refused(old, CHANGED, original[CHANGED : CHANGED + 512])
+        async with logged_in(server.address, "live", "early-bird", pinned=old_identity) as same:
+            assert same.identity == old_identity
+
+        pvsctl("vdisk", "set", "live", "--store", str(store), "--version", "2")
+        new_identity = manifest_identity(store, "live")
+        assert old_identity.differences(new_identity) == ["version", "timestamp", "content"]
+        await server.until_log("identity_published", vdisk="live", identity=new_identity.short)
+        for offset in (CHANGED, 0, MIB - 512):
             with pytest.raises(ServerError) as refused:
                 await old.connection.read(offset, 512)
             assert refused.value.code is ErrorCode.NO_IDENTICAL_REPLICA
         assert old.connection.is_open
 
     async with logged_in(server.address, "live", "late-comer") as new:
-        differences = old_identity.differences(new.identity)
-        expected = ["timestamp"] if change == "touch" else ["timestamp", "content"]
-        assert differences == expected
-        assert new.identity.digest.hex() == sha256(current)
-        assert await read_whole(new) == current
-
-    # A target pinned to the replica that no longer exists is refused, not served.
+        assert new.identity == new_identity
+        assert await read_whole(new) == original
     with pytest.raises(LoginError) as refused_login:
         async with logged_in(server.address, "live", "early-bird", pinned=old_identity):
             pass
@@ -368,15 +491,16 @@ def test_sigterm_on_an_idle_server_exits_zero(pvsd_factory: Servers, tmp_path: P
     assert events.index("shutdown_requested") < events.index("stopped")
 
 
-async def test_login_while_hashing_is_pending_and_sigterm_interrupts_the_hash(
+async def test_login_while_verifying_is_pending_and_sigterm_interrupts_the_check(
     pvsd_factory: Servers, tmp_path: Path
 ) -> None:
-    """A 64 GiB sparse image takes far longer to hash than this test runs: meanwhile logins are
-    refused with IDENTITY_PENDING (retryable), and SIGTERM still stops the server at once."""
+    """A 64 GiB sparse image takes far longer to check against its manifest than this test
+    runs: meanwhile logins are refused with IDENTITY_PENDING (retryable), and SIGTERM still
+    stops the server at once."""
     store = tmp_path / "store"
     pvsctl("vdisk", "create", "huge", "--size", "64G", "--store", str(store))
     server = pvsd_factory("pvs1", store)
-    await server.until_log("identity_hashing", vdisk="huge")
+    await server.until_log("verify_started", vdisk="huge")
     with pytest.raises(LoginError) as refused:
         async with logged_in(server.address, "huge", "impatient"):
             pass
