@@ -122,7 +122,7 @@ class ManifestFile:
         self.root = manifest.root
         self.shape = manifest.shape
         self.stat = key
-        """Stat key of the manifest file as loaded (our own updates move it on)."""
+        """Stat key of the manifest file as loaded (not moved on by our own in-place updates)."""
         self._upper = [bytearray(level) for level in manifest.levels[1:]]
         self._lock = threading.Lock()
         self._wfd = fd if writable else -1

@@ -174,7 +174,7 @@ class StreamServer:
         if identity is None:
             return ev.Error(
                 0, ErrorCode.IDENTITY_PENDING,
-                f"{vdisk.name} is being verified (hashing): retry in a few seconds",
+                f"{vdisk.name} is being checked against its manifest: retry in a few seconds",
             )
         if login.pinned is not None and login.pinned != identity:
             differs = ", ".join(login.pinned.differences(identity))

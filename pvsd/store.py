@@ -59,9 +59,12 @@ _log = structlog.get_logger(__name__)
 Listener = Callable[[str, "VDisk | None"], None]
 """Called with a vDisk name and its current replica, or None once it is no longer served."""
 
-_Observation = tuple[StatKey | None, StatKey | None, StatKey | None, StatKey | None]
-"""Stat keys of the directory entry, of the file it leads to, of the properties file and of
-the manifest."""
+_Observation = tuple[
+    StatKey | None, StatKey | None, StatKey | None, StatKey | None, StatKey | None
+]
+"""Stat keys of the directory entry, of the file it leads to, of the properties file, of the
+manifest and of the writer lock (a lock released lets a torn Private Image manifest be
+repaired, although no file of the image changed)."""
 
 
 class ImageFile:
@@ -249,6 +252,13 @@ class Store:
         if old.properties.mode != properties.mode:
             changed.append("mode")
         old.stat, old.properties, old.manifest_key = key, properties, manifest_key
+        if (
+            not changed and properties.mode is Mode.private and old.identity is None
+            and old.damage is None and not old.writer
+        ):
+            # its lock changed: a manifest left torn by a writer's crashed server can now be
+            # repaired, and the image served again
+            changed.append("writer lock")
         if not changed:
             return [Change(old)]
         if old.identity is not None and not old.writer:
@@ -297,6 +307,7 @@ class Store:
             self._stat_key(path, follow=True),
             self._stat_key(properties_path(path), follow=True),
             self._stat_key(manifest_path(path), follow=True),
+            self._stat_key(locks.lock_path(path), follow=True),
         )
 
     def _stat_key(self, path: Path, *, follow: bool) -> StatKey | None:
