@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -40,14 +39,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from pvs_protocol.errors import ErrorCode
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_target.address import parse_address
 from pvs_target.attach import add_commands
-from pvs_target.client import ClientError, Session, login, read_range
+from pvs_target.client import ClientError, Session, read_range
+from pvs_target.failover import FailoverSettings, GaveUp, VDiskStream
 from pvs_target.loop import loop_name, run
 from pvs_target.units import parse_size
-from pvs_target.verify import BlockMismatch, ReadVerifier
+from pvs_target.verify import ReadVerifier
 
 EXIT_OK, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -105,6 +104,19 @@ def _parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=float, default=5.0, metavar="SECONDS",
         help="per server, for connecting and logging in (default %(default)s)",
     )
+    read.add_argument(
+        "--dead-after", type=float, default=1.5, metavar="SECONDS",
+        help="a server from which nothing whole arrives this long is left (default %(default)s)",
+    )
+    read.add_argument(
+        "--request-timeout", type=float, default=0.0, metavar="SECONDS",
+        help="a request unanswered this long: move to another server (default: --dead-after)",
+    )
+    read.add_argument(
+        "--give-up-after", type=float, default=60.0, metavar="SECONDS",
+        help="fail after this long without a server that streams the vDisk (default "
+        "%(default)s; 0 waits for ever)",
+    )
     read.add_argument("--json", action="store_true", help="print one JSON object")
     read.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     read.add_argument("--no-uvloop", action="store_true", help="use the plain asyncio loop")
@@ -126,6 +138,7 @@ class ReadReport:
     loop: str
     verification: ReadVerifier | None
     """None for a Private Image, whose manifest changes with every write."""
+    failovers: list[dict[str, object]] = dataclasses.field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -159,82 +172,56 @@ def _read_command(args: argparse.Namespace) -> int:
 
 
 async def _read(args: argparse.Namespace) -> ReadReport:
-    session = await _login(args, args.server, None, "")
-    verification = ReadVerifier(session.identity) if session.read_only else None
+    """Read the whole vDisk through a ``VDiskStream``: every block checked against the pinned
+    manifest, a server that stalls, drips or sends bad data left for another (the bad one
+    dropped), and chunks kept in order."""
+    settings = FailoverSettings(
+        connect_timeout=args.connect_timeout, max_request=args.chunk,
+        checksum=not args.no_checksum, dead_after=args.dead_after,
+        request_timeout=args.request_timeout, give_up_after=args.give_up_after,
+    )
+    stream = VDiskStream(
+        args.server, args.vdisk, args.device_id, settings=settings, wait_for_first=False
+    )
+    await stream.open()
     try:
+        session = stream.last_session
+        assert session is not None  # open() logged in
         with _open_output(args.output) as output, _progress(args) as progress:
-            task = progress.add_task(f"{args.vdisk} from {session.server_name}", total=session.size)
+            task = progress.add_task(f"{args.vdisk} from {session.server_name}", total=stream.size)
             consumer = _Consumer(output, progress, task)
             start = time.perf_counter()
             try:
-                session = await _read_all(args, session, verification, consumer)
+                await read_range(
+                    session, 0, stream.size, chunk=_chunk(args, stream), depth=args.depth,
+                    sink=consumer, read=stream.read,
+                )
                 await consumer.drain()
+            except GaveUp as error:
+                verification = stream.verification
+                if verification is not None and verification.dropped:
+                    raise NoGoodServer(str(error)) from None
+                raise
             finally:
                 consumer.close()
             seconds = time.perf_counter() - start
-    except NoGoodServer:
-        raise
-    except ClientError as error:
-        raise ClientError(
-            f"reading {args.vdisk!r} from {session.connected_to} failed: {error}"
-        ) from error
     finally:
-        await session.close()
+        await stream.close()
+    last = stream.last_session
+    assert last is not None
     return ReadReport(
-        session, consumer.position, seconds, consumer.sha256.hexdigest(), loop_name(),
-        verification,
+        last, consumer.position, seconds, consumer.sha256.hexdigest(), loop_name(),
+        stream.verification, [record.to_json() for record in stream.history],
     )
 
 
-async def _login(
-    args: argparse.Namespace, servers: Sequence[str], pinned: ReplicaIdentity | None,
-    avoid: str,
-) -> Session:
-    return await login(
-        servers, args.vdisk, args.device_id, pinned=pinned, max_request=args.chunk,
-        checksum=not args.no_checksum, connect_timeout=args.connect_timeout, avoid=avoid,
-    )
-
-
-async def _read_all(
-    args: argparse.Namespace, session: Session, verification: ReadVerifier | None,
-    consumer: _Consumer,
-) -> Session:
-    """Read the whole image into ``consumer``; on a block that fails its check, drop that
-    server, log in elsewhere (pinned, the site asked to avoid it) and go on from the first
-    byte not yet kept. Returns the session the read ended on."""
-    while True:
-        chunk = min(args.chunk, session.max_request)
-        read = None
-        if verification is not None:  # whole blocks per chunk: each is checked at once
-            block_size = verification.shape.block_size
-            chunk = max(block_size, chunk - chunk % block_size)
-            read = functools.partial(verification.read, session.connection)
-        try:
-            await read_range(
-                session, consumer.position, session.size - consumer.position, chunk=chunk,
-                depth=args.depth, sink=consumer, read=read,
-            )
-            return session
-        except BlockMismatch as error:
-            assert verification is not None
-            verification.record(error)
-            await session.connection.close(
-                ErrorCode.NO_IDENTICAL_REPLICA, f"block {error.block} does not match the manifest"
-            )
-            await consumer.drain()
-            servers = [s for s in args.server if s not in verification.dropped.values()]
-            if not servers:
-                raise NoGoodServer(f"{error}; no other server to read from") from None
-            try:
-                session = await _login(args, servers, verification.identity, error.server)
-            except ClientError as failure:
-                raise NoGoodServer(f"{error}; no other server would stream it: {failure}") from None
-            if session.server_name in verification.dropped:
-                await session.connection.close(ErrorCode.NO_IDENTICAL_REPLICA, "damaged replica")
-                raise NoGoodServer(
-                    f"{error}; the site sent the target back to {session.server_name}"
-                ) from None
+def _chunk(args: argparse.Namespace, stream: VDiskStream) -> int:
+    """Whole manifest blocks per chunk when verifying, so each chunk is checked at once."""
+    chunk: int = min(args.chunk, stream.max_request)
+    if stream.verification is not None:
+        block_size = stream.verification.shape.block_size
+        chunk = max(block_size, chunk - chunk % block_size)
+    return chunk
 
 
 class _Consumer:
@@ -364,6 +351,7 @@ def _report_json(report: ReadReport, args: argparse.Namespace) -> dict[str, obje
             else {"enabled": False, "reason": "Private Image"}
         ),
         "checksum": session.connection.checksum.name,
+        "failovers": report.failovers,
         "chunk": min(args.chunk, session.max_request),
         "depth": args.depth,
         "loop": report.loop,

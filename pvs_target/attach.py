@@ -41,9 +41,15 @@ def add_commands(commands: Any, address: Any, default_device: str) -> None:
     attach.add_argument("--keepalive", type=float, default=0.5, metavar="SECONDS",
                         help="keepalive interval (default %(default)s)")
     attach.add_argument("--dead-after", type=float, default=1.5, metavar="SECONDS",
-                        help="a server silent this long is gone (default %(default)s)")
+                        help="a server from which nothing whole arrives this long is gone "
+                        "(default %(default)s)")
+    attach.add_argument("--request-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="a request unanswered this long means its server is failing: "
+                        "move to another and send it again (default: --dead-after)")
     attach.add_argument("--give-up-after", type=float, default=0.0, metavar="SECONDS",
-                        help="fail reads after this long without a server; 0 waits for ever")
+                        help="after this long without a server, requests fail at once with "
+                        "one logged error, until a server returns and the stream resumes by "
+                        "itself; 0 (default) waits for ever")
     attach.add_argument("--no-checksum", action="store_true")
     attach.add_argument("--cache", choices=["ram", "ram+overflow", "file"], default="ram+overflow",
                         help="write cache for Standard Image vDisks (default %(default)s)")
@@ -72,6 +78,7 @@ def attach_command(args: argparse.Namespace) -> int:
 async def _attach(args: argparse.Namespace) -> int:
     settings = FailoverSettings(
         keepalive_interval=args.keepalive, dead_after=args.dead_after,
+        request_timeout=args.request_timeout,
         give_up_after=args.give_up_after, checksum=not args.no_checksum,
     )
     stream = VDiskStream(args.server, args.vdisk, args.device_id, settings=settings)
@@ -135,9 +142,14 @@ def render(status: dict[str, Any]) -> None:
                      f"{str(identity.get('digest', ''))[:16]}…, {identity.get('size')} bytes"),
         ("mode", f"{status.get('mode')}, " + failover),
         ("read", f"{status['bytes_read']} bytes in {status['requests']} requests, "
+                 f"{status.get('in_flight', 0)} in flight, "
                  f"{status['retried_requests']} retried, longest wait "
                  f"{status['longest_wait_ms']} ms"),
     ]
+    if status.get("gave_up"):
+        lines.append(("gave up", status["gave_up"]))
+    if status.get("avoiding"):
+        lines.append(("avoiding", f"{status['avoiding']} (lost without notice; tried last)"))
     verification = status.get("verification") or {}
     if verification.get("enabled"):
         lines.append((
@@ -156,13 +168,15 @@ def render(status: dict[str, Any]) -> None:
         console.print(f"[bold]{key:<13}[/bold] {value}")
     if status["failovers"]:
         table = Table(title="failover history")
-        for column in ("when", "from", "to", "why", "took ms", "longest wait ms"):
+        for column in ("when", "from", "to", "why", "noticed after ms", "took ms",
+                       "in flight", "longest wait ms"):
             table.add_column(column)
         for record in status["failovers"]:
             table.add_row(
                 record["at"], f"{record['from']['name']} {record['from']['address']}",
                 f"{record['to']['name']} {record['to']['address']}", record["reason"],
-                str(record["took_ms"]), str(record["longest_wait_ms"]),
+                str(record.get("detected_after_ms", 0)), str(record["took_ms"]),
+                str(record.get("in_flight", 0)), str(record["longest_wait_ms"]),
             )
         console.print(table)
     if verification.get("mismatches"):

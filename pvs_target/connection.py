@@ -218,6 +218,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[ev.Event] | None = None
         self._pending: dict[int, asyncio.Future[Reply] | Done] = {}
+        self._sent_at: dict[int, float] = {}
+        """When each outstanding request went out, oldest first (dicts keep insertion order):
+        the failover layer gives up on a server that leaves one unanswered too long."""
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._slots: _Slots | None = None
         self._writable = asyncio.Event()
@@ -241,7 +244,13 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._waiting_reads: collections.deque[tuple[int, int, Done]] = collections.deque()
         """``read_now`` requests beyond ``max_in_flight``, sent as slots come back."""
         self.last_heard = self._loop.time()
-        """When a byte last arrived: the failover layer declares a silent server gone."""
+        """When a whole frame last arrived: the failover layer declares a silent server gone.
+        Bytes of a frame not yet whole do not count: a server that drips a reply byte by byte
+        is not serving."""
+        self.in_flight_at_failure = 0
+        """Requests that were outstanding when the connection ended (for status and logs)."""
+        self.on_site: Callable[[ev.SiteUpdate], None] | None = None
+        """Called with each SITE the server sends: servers of the site serving now."""
         self._linger: asyncio.TimerHandle | None = None
 
     # -- state ------------------------------------------------------------------------------
@@ -261,6 +270,11 @@ class StreamConnection(asyncio.BufferedProtocol):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def oldest_sent(self) -> float | None:
+        """When the oldest request still unanswered went out (loop time), or None."""
+        return next(iter(self._sent_at.values()), None)
 
     @property
     def failure(self) -> ClientError | None:
@@ -456,6 +470,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             self._slots.give()
             raise
         self._pending[request_id] = waiter
+        self._sent_at[request_id] = self._loop.time()
         self._queue(buffers)
 
     def send_queued(self) -> None:
@@ -543,7 +558,9 @@ class StreamConnection(asyncio.BufferedProtocol):
             else:
                 transport.close()  # still sends what is buffered, GOODBYE included
         pending = list(self._pending.values())
+        self.in_flight_at_failure = len(pending)
         self._pending.clear()
+        self._sent_at.clear()
         if self._slots is not None:
             for _ in pending:
                 self._slots.give()  # wakes callers queued for a slot; they see the failure
@@ -587,7 +604,6 @@ class StreamConnection(asyncio.BufferedProtocol):
         return self._chunk
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.last_heard = self._loop.time()
         # (uvloop may ask for a buffer, find nothing to read and ask again: only what was
         # actually received moves the peeking on)
         self._peek = self._direct
@@ -601,6 +617,7 @@ class StreamConnection(asyncio.BufferedProtocol):
                 if isinstance(event, ev.NeedData):
                     self.send_queued()  # the requests answers made room for, in one write
                     return
+                self.last_heard = self._loop.time()
                 self._handle(event)
         except ProtocolError as error:
             self._log.warning("protocol_error", code=error.code.name, detail=error.message)
@@ -659,6 +676,12 @@ class StreamConnection(asyncio.BufferedProtocol):
                     self._send(ev.Keepalive(token, reply=True))
             case ev.Relogin():
                 self._relogin(event)
+            case ev.SiteUpdate():
+                if self.on_site is not None:
+                    try:
+                        self.on_site(event)
+                    except Exception:
+                        self._log.exception("site_callback_failed")
             case ev.Goodbye(code, message):
                 self._goodbye(event)
             case ev.HelloReply() | ev.LoginOk() | ev.Redirect():
@@ -670,6 +693,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         future = self._pending.pop(request_id, None)
         if future is None:
             return
+        del self._sent_at[request_id]
         assert self._slots is not None
         self._slots.give()
         if self._waiting_reads:

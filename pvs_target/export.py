@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+from collections.abc import Awaitable
 from typing import Literal
 
 import structlog
 
 from pvs_target.cache import CacheFull, WriteCache
 from pvs_target.connection import BUFFERS, Done
-from pvs_target.failover import VDiskStream
+from pvs_target.failover import GaveUp, VDiskStream
 from pvs_target.nbd.server import BackendError, NbdServer, serve_nbd
 
 log = structlog.get_logger("pvs_target.export")
@@ -50,9 +52,18 @@ class StreamBackend:
         return True
 
     async def read(self, offset: int, length: int) -> Data:
-        if self.cache is not None:
-            return await self.cache.read(offset, length, self.stream.read)
-        return await self.stream.read(offset, length)
+        try:
+            if self.cache is not None:
+                return await self.cache.read(offset, length, self.stream.read)
+            return await self.stream.read(offset, length)
+        except GaveUp as error:
+            raise _gave_up(error) from None
+
+    async def _to_server(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except GaveUp as error:
+            raise _gave_up(error) from None
 
     def read_now(self, offset: int, length: int, done: Done) -> bool:
         """The fast path of ``read`` (see ``VDiskStream.read_now``), where the write cache
@@ -65,6 +76,11 @@ class StreamBackend:
         """A burst of requests has been handed over: send what ``read_now`` queued."""
         self.stream.send_queued()
 
+    def waited(self, started: float, ended: float) -> None:
+        """An NBD client waited from ``started`` to ``ended`` for a reply: the stream keeps
+        the longest, overall and per failover, for its status."""
+        self.stream.waited(started, ended)
+
     def release(self, buffers: list[object]) -> None:
         """The export has written these (what ``read`` returned) to its clients."""
         BUFFERS.give(buffers)
@@ -73,13 +89,13 @@ class StreamBackend:
         if self.cache is not None:
             self._cached(lambda cache: cache.write(offset, data))
             return
-        await self.stream.write(offset, data)
+        await self._to_server(self.stream.write(offset, data))
         if fua:
-            await self.stream.flush()
+            await self._to_server(self.stream.flush())
 
     async def flush(self) -> None:
         if self.cache is None:
-            await self.stream.flush()
+            await self._to_server(self.stream.flush())
 
     async def trim(self, offset: int, length: int) -> None:
         if self.cache is not None:
@@ -104,6 +120,13 @@ class StreamBackend:
                 hint="give a larger --cache-size, or a file cache (--cache file)",
             )
             raise BackendError(full.errno or 28, str(full)) from None
+
+
+def _gave_up(error: GaveUp) -> BackendError:
+    """EIO for the client, logged once by the stream when it gave up, not once per request."""
+    failure = BackendError(errno.EIO, str(error))
+    failure.logged = True
+    return failure
 
 
 def make_cache(

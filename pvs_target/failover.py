@@ -1,26 +1,35 @@
 """A vDisk stream that survives its server: relogin on notice, failover on loss, retry.
 
-Whoever reads through a ``VDiskStream`` never sees a server go away. Three paths lead to a new
-session, all ending in a login pinned to the identity the target streamed first, so the bytes
-can never change under it:
+Whoever reads through a ``VDiskStream`` never sees a server go away. Every decision (when a
+server is gone, where to log in, when to give up) is made by the pure state machine of
+``pvs_target/failover_core.py``; this module is its asyncio supervisor: it owns the stream's
+tasks in one TaskGroup, carries the core's actions out on real sessions, and feeds it what
+happens (logins answered, connections lost, RELOGIN and SITE notices, frames heard, the age
+of the oldest request in flight).
+
+Three paths lead to a new session, all ending in a login pinned to the identity the target
+streamed first, so the bytes can never change under it:
 - Planned: the server sends RELOGIN. The target logs in elsewhere while the old server goes on
-  answering, switches new requests over, and leaves the old one once its replies are in. No
-  read waits.
-- Unplanned: the connection breaks, or the server falls silent for ``dead_after`` seconds (we
-  send a KEEPALIVE every ``keepalive_interval`` when nothing else flows). Every read in flight
-  is retried on the next session; reads are idempotent, so nothing is lost or doubled.
+  answering, switches new requests over, and leaves the old one once its replies are in.
+- Unplanned: the connection breaks, no whole frame arrives for ``dead_after``, or a request
+  stays unanswered past its deadline (a server that talks but does not serve). Every request
+  in flight is sent again on the next session; reads are idempotent, so nothing is lost or
+  doubled.
 - No failover (load balancing off, Private Image on local storage, maintenance): the target
   waits for its one server and retries with backoff; status says why.
-With ``give_up_after`` > 0, reads fail with a clear error after that long without a server;
-the default (0) waits for ever, because a machine would rather hang than crash.
+With ``give_up_after`` > 0, requests fail with one clear error after that long without a
+server, and fail at once from then on until a server returns, when the stream resumes by
+itself; the default (0) waits for ever, because a machine would rather hang than crash.
 
 Every block read from a Standard Image (a read-only session) is checked against the manifest
 root pinned at the first login (``pvs_target/verify.py``) before it is handed out. A server
 that sends a block or a digest page that fails is told (DAMAGED), dropped for this vDisk for
-as long as the target runs (never logged in to again: the login asks the site to avoid it,
-and a login that lands there all the same is ended with GOODBYE), and the read is done again
-on the next server. A Private Image's manifest changes with every write, so its sessions are
-not verified: there the one writer's lock keeps the bytes consistent.
+as long as the target runs, and the read is done again on the next server. A Private Image's
+manifest changes with every write, so its sessions are not verified: there the one writer's
+lock keeps the bytes consistent.
+
+Waits are measured where the user sees them: from a request's arrival (at the NBD export, or
+at ``read``) to its answer, so ``longest_wait_ms`` and each failover's wait are the truth.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from pvs_protocol import events as ev
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode
+from pvs_target import failover_core as core
 from pvs_target.connection import ClientError, ConnectionLost, Done, Reply, ServerError
 from pvs_target.login import LoginError, Session, login
 from pvs_target.verify import BlockMismatch, DigestsUnknown, ReadVerifier
@@ -50,35 +60,54 @@ T = TypeVar("T")
 @dataclasses.dataclass(frozen=True, slots=True)
 class FailoverSettings:
     keepalive_interval: float = 0.5
-    """Send a KEEPALIVE after this long without traffic."""
+    """Send a KEEPALIVE after this long without a whole frame from the server."""
     dead_after: float = 1.5
-    """A server silent this long (no reply, no keepalive answer) is gone: fail over."""
+    """A server from which no whole frame arrives this long is gone: fail over."""
+    request_timeout: float = 0.0
+    """A request unanswered this long means the server is failing this target, whatever else
+    it sends: fail over and send it again elsewhere. 0: ``dead_after``."""
     connect_timeout: float = 1.0
     """Per login attempt: a server that does not answer quickly is skipped."""
     retry_min: float = 0.05
     retry_max: float = 2.0
     avoid_for: float = 5.0
     """After losing a server, ask login servers to avoid it for this long (longer than the
-    site's peer timeout, so that the site has noticed by then)."""
+    site's peer timeout, so that the site has noticed by then), or until it is heard serving."""
     give_up_after: float = 0.0
-    """Seconds without any server before reads fail; 0 waits for ever."""
+    """Seconds without any server before requests fail; 0 waits for ever."""
     max_request: int = 1 << 20
     checksum: bool = True
+
+    def core(self) -> core.Settings:
+        return core.Settings(
+            keepalive_interval=self.keepalive_interval, dead_after=self.dead_after,
+            request_timeout=self.request_timeout, connect_timeout=self.connect_timeout,
+            retry_min=self.retry_min, retry_max=self.retry_max, avoid_for=self.avoid_for,
+            give_up_after=self.give_up_after,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FailoverRecord:
     at: float
-    """Wall-clock time the old server was lost or asked us to move."""
+    """Wall-clock time the old server was last known to serve (or asked us to move)."""
     from_server: str
     from_address: str
     to_server: str
     to_address: str
     reason: str
     took_ms: float
-    """From losing the old session to having the new one."""
+    """From the last moment the old server was known to serve to having the new session:
+    the silence before the loss was noticed is included."""
+    detected_after_ms: float = 0.0
+    """How long the loss took to notice."""
+    in_flight: int = 0
+    """Requests in flight on the old session when it was lost."""
     longest_wait_ms: float = 0.0
-    """The longest any read waited because of this failover."""
+    """The longest any request in progress during this failover waited, from its arrival to
+    its answer."""
+    lost_mono: float = dataclasses.field(default=0.0, repr=False)
+    switched_mono: float = dataclasses.field(default=0.0, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,12 +116,14 @@ class FailoverRecord:
             "to": {"name": self.to_server, "address": self.to_address},
             "reason": self.reason,
             "took_ms": round(self.took_ms, 1),
+            "detected_after_ms": round(self.detected_after_ms, 1),
+            "in_flight": self.in_flight,
             "longest_wait_ms": round(self.longest_wait_ms, 1),
         }
 
 
 class GaveUp(ClientError):
-    """No server for longer than ``give_up_after``: the read fails instead of waiting on."""
+    """No server for longer than ``give_up_after``: the request fails instead of waiting on."""
 
 
 class VDiskStream:
@@ -104,57 +135,94 @@ class VDiskStream:
         *,
         settings: FailoverSettings | None = None,
         log: FilteringBoundLogger | None = None,
+        wait_for_first: bool = True,
     ) -> None:
+        """``wait_for_first``: retry the first login like a failover (a machine booting
+        while its servers start); False fails ``open`` at once (a one-off copy)."""
         self.bootstrap = list(servers)
+        self.wait_for_first = wait_for_first
         self.vdisk = vdisk
         self.device_id = device_id
         self.settings = settings or FailoverSettings()
         self.log = (log or structlog.get_logger("pvs_target")).bind(vdisk=vdisk)
+        self.core = core.FailoverCore(self.bootstrap, self.settings.core())
         self.session: Session | None = None
+        """The session requests go to; None while there is none."""
         self.last_session: Session | None = None
         """The latest session, kept while we wait for the next: it says what we stream."""
         self.identity: ReplicaIdentity | None = None
         self.verification: ReadVerifier | None = None
         """Checks every block read, once the first login was to a read-only image."""
         self.history: list[FailoverRecord] = []
-        self.known_servers: list[str] = list(servers)
         self.bytes_read = 0
         self.bytes_written = 0
         self.requests = 0
         self.retried = 0
         self.longest_wait_ms = 0.0
-        self.waiting_reason = ""
-        self.state = "starting"
+        self._sessions: dict[int, Session] = {}
+        """Every session alive by key: the current one, and old ones draining."""
+        self._keys = itertools.count(1)
         self._ready = asyncio.Event()
+        """Set while requests can proceed: a session is current, or we gave up (they fail)."""
         self._gave_up: GaveUp | None = None
-        self._lost_at = 0.0
-        self._lost_wall = 0.0
-        self._lost_from: Session | None = None
-        self._crashed: tuple[str, str, float] | None = None
-        """The server last lost without notice (address, name, when): its peers may take
-        up to their peer timeout to notice, so for ``avoid_for`` it is tried last and a
-        planned move asks login servers to avoid it."""
-        self._lost_reason = ""
-        self._event_wait_ms = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
+        self._wake = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Log in for the first time (retrying like a failover), then watch the server."""
-        self._lost_at = time.monotonic()
-        await self._reconnect(None)
-        self._own(self._monitor())
+        """Log in for the first time (retrying like a failover); the supervisor then runs
+        until ``close``. Raises LoginError if the vDisk cannot be streamed at all."""
+        self._opened = self._loop.create_future()
+        self._main = self._loop.create_task(self._supervise(), name=f"stream {self.vdisk}")
+        try:
+            await asyncio.shield(self._opened)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.session is not None:
-            await self.session.close()
-        self.state = "closed"
+        main, self._main = self._main, None
+        self._carry_out(self.core.close())
+        if main is not None:
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+        for session in list(self._sessions.values()):
+            await session.close()
+        self._sessions.clear()
+        self.session = None
+
+    async def _supervise(self) -> None:
+        """Owner of every task of the stream: logins and drains run in its TaskGroup, and it
+        calls the core's ``tick`` whenever the core's timer is due."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                self._carry_out(self.core.start(self._loop.time()))
+                while True:
+                    self._wake.clear()  # events from here on wake us to look at the timer
+                    due = self.core.next_timer()
+                    timeout = None if due is None else max(0.0, due - self._loop.time())
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            await self._wake.wait()
+                    self._probe()
+                    self._carry_out(self.core.tick(self._loop.time()), wake=False)
+        finally:
+            self._tasks = None
+
+    def _probe(self) -> None:
+        """Tell the core what the current session's connection saw since the last tick."""
+        key, session = self.core.session, self.session
+        if key is None or session is None:
+            return
+        connection = session.connection
+        self.core.heard(connection.last_heard, key)
+        self.core.requests(key, connection.oldest_sent, connection.in_flight)
 
     # -- what the stream is -----------------------------------------------------------------
 
@@ -186,6 +254,18 @@ class VDiskStream:
     @property
     def max_request(self) -> int:
         return self.session.max_request if self.session else self.settings.max_request
+
+    @property
+    def state(self) -> str:
+        return self.core.state.value
+
+    @property
+    def waiting_reason(self) -> str:
+        return self.core.waiting_reason
+
+    @property
+    def known_servers(self) -> list[str]:
+        return self.core.known
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -300,9 +380,10 @@ class VDiskStream:
         await self._retrying(lambda s: s.connection.flush())
 
     async def _retrying(self, request: Callable[[Session], Awaitable[T]]) -> T:
-        """Run ``request`` on the current session; on loss, wait for the next one and retry."""
+        """Run ``request`` on the current session; when that session is lost, wait for the
+        next one and run it again there."""
         self.requests += 1
-        began = time.monotonic()
+        began = self._loop.time()
         retried = False
         while True:
             session = await self._current()
@@ -317,8 +398,7 @@ class VDiskStream:
             except BlockMismatch as error:
                 self._mismatch(session, error)
             else:
-                if retried:  # how long the caller waited, from its request to its answer
-                    self._note_wait(time.monotonic() - began)
+                self.waited(began, self._loop.time())
                 return result
             if not retried:
                 retried = True
@@ -327,22 +407,46 @@ class VDiskStream:
     async def _current(self) -> Session:
         while True:
             if self._gave_up is not None:
-                raise self._gave_up
+                # a new exception each time: one raised again and again grows its traceback
+                raise GaveUp(str(self._gave_up))
             session = self.session
             if session is not None and session.connection.is_open:
                 return session
             if session is not None:
-                self._lost(session, str(session.connection.failure or "connection closed"))
+                failure = session.connection.failure
+                self._lost(session, str(failure or "connection closed"))
             await self._ready.wait()
 
-    def _note_wait(self, seconds: float) -> None:
-        ms = seconds * 1000
-        self.longest_wait_ms = max(self.longest_wait_ms, ms)
-        self._event_wait_ms = max(self._event_wait_ms, ms)
-        if self.history and self.history[-1].longest_wait_ms < ms:
-            self.history[-1] = dataclasses.replace(self.history[-1], longest_wait_ms=ms)
+    def waited(self, started: float, ended: float) -> None:
+        """A request that arrived at ``started`` was answered at ``ended`` (loop time): keep
+        the longest wait, overall and for the failover it overlapped."""
+        ms = (ended - started) * 1000
+        if ms > self.longest_wait_ms:
+            self.longest_wait_ms = ms
+        if self.history:
+            record = self.history[-1]
+            if (
+                ms > record.longest_wait_ms
+                and started <= record.switched_mono and ended >= record.lost_mono
+            ):
+                self.history[-1] = dataclasses.replace(record, longest_wait_ms=ms)
 
-    # -- losing and finding servers -----------------------------------------------------------
+    # -- events from sessions ----------------------------------------------------------------
+
+    def _key_of(self, session: Session) -> int | None:
+        for key, candidate in self._sessions.items():
+            if candidate is session:
+                return key
+        return None
+
+    def _lost(self, session: Session, reason: str, *, drop: bool = False) -> None:
+        key = self._key_of(session)
+        if key is None:
+            return
+        self._carry_out(self.core.lost(
+            self._loop.time(), key, reason, drop=drop,
+            in_flight=session.connection.in_flight or session.connection.in_flight_at_failure,
+        ))
 
     def _mismatch(self, session: Session, error: BlockMismatch) -> None:
         """``session``'s server sent a bad block or page (and was told with DAMAGED): drop
@@ -350,293 +454,189 @@ class VDiskStream:
         out), and fail over."""
         if self.verification is not None:
             self.verification.record(error)
-        session.connection.end(
+        key = self._key_of(session)
+        if key is None:
+            return
+        self.core.drop(key, str(error))
+        in_flight = session.connection.in_flight
+        session.connection.end(  # the core hears of the loss from on_closed, or here
             ErrorCode.NO_IDENTICAL_REPLICA, f"block {error.block} does not match the manifest"
         )
-        self._lost(session, str(error))
+        self._carry_out(self.core.lost(self._loop.time(), key, str(error), in_flight=in_flight))
 
-    def _dropped(self, session: Session) -> bool:
-        dropped = self.verification.dropped if self.verification is not None else {}
-        return session.server_name in dropped or session.connected_to in dropped.values()
-
-    def _lost(self, session: Session, reason: str) -> None:
-        """The session broke: drop it (once) and start looking for the next one."""
-        if self.session is not session or self._closing:
+    def _on_closed(self, key: int, failure: ClientError) -> None:
+        session = self._sessions.get(key)
+        if session is None:
             return
-        self.session = None
-        self._ready.clear()
-        self._lost_at, self._lost_wall = time.monotonic(), time.time()
-        self._lost_from, self._lost_reason = session, reason
-        self._crashed = (session.connected_to, session.server_name, self._lost_at)
-        self._event_wait_ms = 0.0
-        self.state = "failing over" if self.failover_allowed_for(session) else "waiting"
-        self.log.warning(
-            "server_lost",
-            server=session.server_name,
-            address=session.connected_to,
-            reason=reason,
-            in_flight=session.connection.in_flight,
-        )
-        session.connection.abort()  # every read still on it fails now and is retried
-        self._own(self._reconnect(session))
-
-    @staticmethod
-    def failover_allowed_for(session: Session) -> bool:
-        return ev.LoginFlag.FAILOVER in session.flags
-
-    async def _reconnect(self, old: Session | None) -> None:
-        """Log in again, pinned to our identity, until it works (or we give up)."""
-        delay = self.settings.retry_min
-        started = time.monotonic()
-        while not self._closing:
-            servers, avoid, direct = self._plan(old)
-            try:
-                session = await login(
-                    servers,
-                    self.vdisk,
-                    self.device_id,
-                    pinned=self._pin(old),
-                    max_request=self.settings.max_request,
-                    checksum=self.settings.checksum,
-                    connect_timeout=self.settings.connect_timeout,
-                    log=self.log,
-                    avoid=avoid,
-                    direct=direct,
-                )
-            except LoginError as error:
-                if old is None and (not error.retryable or error.code is ErrorCode.BUSY):
-                    raise  # unknown vDisk, or another writer has it: say so, do not wait
-                self.waiting_reason = self._why_waiting(old, error)
-                waited = time.monotonic() - started
-                give_up = self.settings.give_up_after
-                if give_up and waited >= give_up:
-                    self._gave_up = GaveUp(
-                        f"no server could stream {self.vdisk} for {waited:.0f} s "
-                        f"({self.waiting_reason}); reads fail from now on"
-                    )
-                    self.state = "gave up"
-                    self.log.error("gave_up", seconds=round(waited), reason=self.waiting_reason)
-                    self._ready.set()
-                    return
-                self.log.warning("relogin_failed", retry_in=round(delay, 2), error=error.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max)
-                continue
-            if self._refuse_dropped(session):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max)
-                continue
-            self._install(session, old)
+        if key != self.core.session:
+            self._sessions.pop(key, None)  # an old session drained or ended: nothing lost
             return
+        self._carry_out(self.core.lost(
+            self._loop.time(), key, str(failure),
+            in_flight=session.connection.in_flight_at_failure,
+        ))
 
-    def _refuse_dropped(self, session: Session) -> bool:
-        """A login that landed on a server dropped for damage (redirected there by a site
-        that has not withdrawn the replica yet): say GOODBYE and look again."""
-        if not self._dropped(session):
-            return False
-        self.log.warning(
-            "login_on_dropped_server", server=session.server_name,
-            address=session.connected_to,
-            action="said goodbye; logging in again elsewhere",
-            hint="this server sent data that does not match the manifest earlier",
-        )
-        session.connection.end(ErrorCode.NO_IDENTICAL_REPLICA, "replica found damaged earlier")
-        return True
+    def _on_relogin(self, key: int, notice: ev.Relogin) -> None:
+        self._carry_out(self.core.relogin(
+            self._loop.time(), key, notice.deadline_ms, notice.site, notice.reason,
+        ))
 
-    def _pin(self, old: Session | None) -> ReplicaIdentity | None:
+    def _on_site(self, key: int, update: ev.SiteUpdate) -> None:
+        self.core.site(key, update.site)
+
+    # -- carrying actions out ----------------------------------------------------------------
+
+    def _carry_out(self, actions: list[core.Action], *, wake: bool = True) -> None:
+        for action in actions:
+            match action:
+                case core.Login():
+                    self._spawn(self._login(action), f"login {action.attempt}")
+                case core.Switch(key):
+                    self._switch(key)
+                case core.Abandon(key, reason):
+                    self._abandon(key, reason)
+                case core.Nudge(key):
+                    session = self._sessions.get(key)
+                    if session is not None:
+                        session.connection.nudge()
+                case core.Drain(key, until):
+                    session = self._sessions.get(key)
+                    if session is not None:
+                        self._spawn(self._drain(key, session, until), f"drain {key}")
+                case core.FailWaiting(message):
+                    self._fail_waiting(message)
+                case core.Record():
+                    self._record(action)
+                case core.Note(event, level, fields):
+                    getattr(self.log, level)(event, **dict(fields))
+        if wake:
+            self._wake.set()  # the core's timer may have moved: the supervisor looks again
+
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        if self._tasks is None:
+            if asyncio.iscoroutine(work):
+                work.close()
+            return
+        self._tasks.create_task(self._guarded(work), name=name)
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        """A task of the stream: a bug in one is logged, not allowed to end the others."""
+        try:
+            await work
+        except Exception as error:  # the supervisor must outlive a bug in one task
+            self.log.exception("internal_error", error=repr(error))
+
+    async def _login(self, action: core.Login) -> None:
+        first = self.last_session is None
+        try:
+            session = await login(
+                list(action.servers), self.vdisk, self.device_id,
+                pinned=self._pin(), max_request=self.settings.max_request,
+                checksum=self.settings.checksum, connect_timeout=action.timeout,
+                log=self.log, avoid=action.avoid, direct=action.direct,
+            )
+        except LoginError as error:
+            # unknown vDisk, or another writer has it, at the very first login: say so
+            final = first and (
+                not error.retryable or error.code is ErrorCode.BUSY or not self.wait_for_first
+            )
+            if final and self._opened is not None and not self._opened.done():
+                self._opened.set_exception(error)  # open() raises the login's own error
+            self._carry_out(self.core.login_failed(
+                self._loop.time(), action.attempt, error.message, retryable=not final,
+                no_identical=error.code is ErrorCode.NO_IDENTICAL_REPLICA,
+            ))
+            return
+        key = next(self._keys)
+        self._sessions[key] = session
+        connection = session.connection
+        connection.on_relogin = lambda notice: self._on_relogin(key, notice)
+        connection.on_site = lambda update: self._on_site(key, update)
+        connection.on_closed = lambda failure: self._on_closed(key, failure)
+        self._carry_out(self.core.logged_in(self._loop.time(), action.attempt, core.SessionInfo(
+            key, session.server_name, session.connected_to, session.login_server,
+            ev.LoginFlag.FAILOVER in session.flags, session.site,
+        )))
+        if not connection.is_open:  # it ended before the core took it
+            self._on_closed(key, connection.failure or ConnectionLost("connection closed"))
+
+    def _pin(self) -> ReplicaIdentity | None:
         """Pin the identity of a read-only image; a Private Image changes with our own
         writes, so there the one writer's lock, not the identity, keeps it consistent."""
-        if old is not None and not old.read_only:
+        last = self.last_session
+        if last is not None and not last.read_only:
             return None
         return self.identity
 
-    def _plan(
-        self, old: Session | None, first: tuple[str, ...] = (), *, planned: bool = False
-    ) -> tuple[list[str], str, bool]:
-        """Where to log in, never at a server dropped for damage (and the site asked to
-        avoid the latest one, when no crashed server needs that more)."""
-        servers, avoid, direct = self._plan_unchecked(old, first, planned=planned)
-        dropped = self.verification.dropped if self.verification is not None else {}
-        if dropped:
-            servers = [server for server in servers if server not in dropped.values()]
-            avoid = avoid or list(dropped)[-1]
-        return servers, avoid, direct
-
-    def _plan_unchecked(
-        self, old: Session | None, first: tuple[str, ...] = (), *, planned: bool = False
-    ) -> tuple[list[str], str, bool]:
-        """Where to log in: the site (not the lost server) when failover is allowed, else
-        straight back to the one server that provides the vDisk."""
-        if old is None:
-            return self.bootstrap, "", False
-        if not self.failover_allowed_for(old):
-            return [old.connected_to], "", True
-        # servers the site says are serving first; the one we lost last. Ask the site to
-        # avoid it only until its peers have had time to notice it is gone: after that,
-        # their view is the better judge (it may be back, and the only one with our replica).
-        now = time.monotonic()
-        crashed = self._crashed
-        if crashed is not None and (
-            now - crashed[2] >= self.settings.avoid_for or crashed[0] == old.connected_to
-        ):
-            crashed = None
-        last = [crashed[0]] if crashed else []  # a silent one costs a connect timeout
-        others = [s for s in (*first, *self.known_servers) if s not in (old.connected_to, *last)]
-        servers = [*dict.fromkeys(others), *last, old.connected_to]
-        if planned and crashed is not None:
-            # the stopping server refuses logins itself; the crashed one would only time out
-            return servers, crashed[1], False
-        recent = now - self._lost_at < self.settings.avoid_for
-        return servers, old.server_name if recent else "", False
-
-    def _why_waiting(self, old: Session | None, error: LoginError) -> str:
-        if self.verification is not None and self.verification.dropped and not error.server:
-            names = ", ".join(self.verification.dropped)
-            return (
-                f"every server left to try sent data that does not match the manifest "
-                f"({names}): waiting for another one"
-            )
-        if old is not None and not self.failover_allowed_for(old):
-            return (
-                f"no failover for {self.vdisk} ({self._no_failover_reason(old)}): waiting for "
-                f"{old.server_name} at {old.connected_to}"
-            )
-        if error.code is ErrorCode.NO_IDENTICAL_REPLICA:
-            return "no serving server holds an identical replica: waiting for one"
-        return f"no server answered: {error.message}"
-
-    def _no_failover_reason(self, session: Session) -> str:
-        mode = Mode.from_code(session.mode)
-        if mode is Mode.private:
-            return "Private Image on local storage"
-        return "load balancing off or maintenance: one server provides it"
-
-    def _learn(self, addresses: tuple[str, ...]) -> None:
-        """Remember servers of the site, so that we can find it again if ours goes away."""
-        for address in addresses:
-            if address not in self.known_servers:
-                self.known_servers.append(address)
-
-    def _install(self, session: Session, old: Session | None) -> None:
+    def _switch(self, key: int) -> None:
+        session = self._sessions[key]
         if self.identity is None:
             self.identity = session.identity
             if session.read_only:  # pinned for good: every later login is pinned to it
                 self.verification = ReadVerifier(session.identity, log=self.log)
-        self._learn((session.connected_to, session.login_server, *session.site))
-        session.connection.on_relogin = lambda notice: self._on_relogin(session, notice)
-        session.connection.on_closed = lambda failure: self._lost(session, str(failure))
         self.session = self.last_session = session
-        self.state = "streaming"
-        self.waiting_reason = ""
-        took = (time.monotonic() - self._lost_at) * 1000
-        if old is not None:
-            record = FailoverRecord(
-                self._lost_wall,
-                old.server_name,
-                old.connected_to,
-                session.server_name,
-                session.connected_to,
-                self._lost_reason,
-                took,
-                self._event_wait_ms,
-            )
-            self.history.append(record)
-            self.log.info(
-                "failover_done",
-                to=session.server_name,
-                address=session.connected_to,
-                took_ms=round(took, 1),
-                reason=self._lost_reason,
-            )
+        self._gave_up = None
         self._ready.set()
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_result(None)
 
-    # -- planned moves ------------------------------------------------------------------------
-
-    def _on_relogin(self, session: Session, notice: ev.Relogin) -> None:
-        if self.session is session:
-            self._own(self._move(session, notice))
-
-    async def _move(self, old: Session, notice: ev.Relogin) -> None:
-        """Log in elsewhere while ``old`` still serves; switch; then let ``old`` go."""
-        self._lost_at, self._lost_wall = time.monotonic(), time.time()
-        self._lost_reason = f"relogin requested: {notice.reason}"
-        self._event_wait_ms = 0.0
-        if not self.failover_allowed_for(old):
-            return  # it will close; we then wait for it to come back
-        self._learn(notice.site)
-        until = time.monotonic() + notice.deadline_ms / 1000
-        delay = self.settings.retry_min
-        while True:  # keep trying until the deadline: the old server still serves meanwhile
-            servers, avoid, _ = self._plan(old, first=notice.site, planned=True)
-            left = until - time.monotonic()
-            try:
-                session = await login(
-                    servers, self.vdisk, self.device_id, pinned=self._pin(old),
-                    max_request=self.settings.max_request, checksum=self.settings.checksum,
-                    connect_timeout=max(0.1, min(self.settings.connect_timeout, left)),
-                    log=self.log, avoid=avoid,
-                )
-            except LoginError as error:
-                self.log.warning("relogin_elsewhere_failed", error=error.message)
-                if self.session is not old or time.monotonic() + delay >= until:
-                    return  # the unplanned path takes over once the old server closes
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max)
-                continue
-            if not self._refuse_dropped(session):
-                break
-            if self.session is not old or time.monotonic() + delay >= until:
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.settings.retry_max)
-        if self.session is not old:
-            await session.close()
+    def _abandon(self, key: int, reason: str) -> None:
+        session = self._sessions.pop(key, None)
+        if session is None:
             return
-        self._install(session, old)
-        with contextlib.suppress(TimeoutError):  # let the old replies arrive, then goodbye
-            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+        if session is self.session:
+            self.session = None
+            self._ready.clear()
+        session.connection.abort()  # every request still on it fails now and is retried
+
+    async def _drain(self, key: int, old: Session, until: float) -> None:
+        """Let the old session answer what it was asked, until its deadline, then leave it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - self._loop.time())):
                 while old.connection.in_flight and old.connection.is_open:
                     await asyncio.sleep(0.01)
+        self._sessions.pop(key, None)
         await old.close()
 
-    # -- watching the server ------------------------------------------------------------------
+    def _fail_waiting(self, message: str) -> None:
+        self._gave_up = GaveUp(f"{self.vdisk}: {message}")
+        self._ready.set()  # waiting requests wake up and fail
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_exception(self._gave_up)
 
-    async def _monitor(self) -> None:
-        """Keepalives, and the verdict that a silent server is gone."""
-        interval = self.settings.keepalive_interval
-        while True:
-            await asyncio.sleep(interval / 2)
-            session = self.session
-            if session is None:
-                continue
-            connection = session.connection
-            silent = asyncio.get_running_loop().time() - connection.last_heard
-            if silent >= self.settings.dead_after:
-                self._lost(session, f"no answer from the server for {silent:.1f} s")
-            elif silent >= interval:
-                connection.nudge()
-
-    def _own(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("internal_error", error=repr(task.exception()))
+    def _record(self, record: core.Record) -> None:
+        now = self._loop.time()
+        wall = time.time() - (now - record.lost_at)
+        self.history.append(FailoverRecord(
+            wall, record.from_server, record.from_address, record.to_server,
+            record.to_address, record.reason, record.took * 1000,
+            record.detected_after * 1000, record.in_flight,
+            lost_mono=record.lost_at, switched_mono=now,
+        ))
+        self.log.info(
+            "failover_done", to=record.to_server, address=record.to_address,
+            took_ms=round(record.took * 1000, 1),
+            detected_after_ms=round(record.detected_after * 1000, 1),
+            in_flight=record.in_flight, reason=record.reason,
+        )
 
     # -- status -------------------------------------------------------------------------------
+
+    def _no_failover_reason(self, session: Session) -> str:
+        if Mode.from_code(session.mode) is Mode.private:
+            return "Private Image on local storage"
+        return "load balancing off or maintenance: one server provides it"
 
     def status(self) -> dict[str, Any]:
         session = self.session
         last = self.last_session
         identity = self.identity
-        return {
+        decisions = self.core.snapshot()
+        status: dict[str, Any] = {
             "vdisk": self.vdisk,
             "device_id": self.device_id,
-            "state": self.state,
-            "waiting_reason": self.waiting_reason,
+            "state": decisions["state"],
+            "waiting_reason": decisions["waiting_reason"],
             "identity": identity.to_json() if identity else None,
             "mode": self.mode.value if last else None,
             "read_only": last.read_only if last else None,
@@ -648,12 +648,15 @@ class VDiskStream:
                 {"name": session.server_name, "address": session.connected_to} if session else None
             ),
             "login_server": session.login_server if session else None,
-            "known_servers": self.known_servers,
+            "known_servers": decisions["known_servers"],
+            "avoiding": decisions["avoiding"],
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "requests": self.requests,
+            "in_flight": session.connection.in_flight if session else 0,
             "retried_requests": self.retried,
             "longest_wait_ms": round(self.longest_wait_ms, 1),
+            "gave_up": str(self._gave_up) if self._gave_up is not None else None,
             "failovers": [record.to_json() for record in self.history],
             "verification": (
                 self.verification.status() if self.verification is not None
@@ -661,3 +664,4 @@ class VDiskStream:
                       "every write, so blocks are not checked" if last else "not logged in"}
             ),
         }
+        return status

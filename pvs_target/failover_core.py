@@ -14,7 +14,11 @@ Rules, in one place:
   last and named in AVOID while the site may not have noticed yet; it retries with a delay
   that doubles from ``retry_min`` to ``retry_max``, for ever unless ``give_up_after`` is set.
 - The AVOID window lasts ``avoid_for`` at most, and ends as soon as the avoided server is heard
-  serving again (a SITE or RELOGIN list that names it, or a login that lands there).
+  serving again: a login that lands there. (A SITE or RELOGIN list naming it proves nothing:
+  its peers name it until their own peer timeout.) Retry delays count from the start of the
+  previous attempt, so a login that already waited out a silent server's connect timeout is
+  tried again at once: a frozen server that wakes up is heard within moments, not after a
+  back-off.
 - Giving up fails what waits, once, with one logged error, and keeps trying at ``retry_max``:
   the stream resumes by itself when a server returns.
 - A RELOGIN is a planned move: log in elsewhere while the old session still answers, switch,
@@ -226,6 +230,7 @@ class FailoverCore:
         self._loss: _Loss | None = None
         self._move: _Move | None = None
         self._attempt = 0
+        self._attempt_started = 0.0
         self._login_running = False
         self._retry_at: float | None = None
         self._delay = self.settings.retry_min
@@ -306,6 +311,8 @@ class FailoverCore:
                 Abandon(info.key, f"{info.server_name} sent data that fails the manifest"),
             ]
         self._learn((*info.site, info.address, info.login_server))
+        if self._avoid is not None and self._avoid.address == info.address:
+            self._avoid = None  # heard serving again
         old, move, loss = self.current, self._move, self._loss
         self.current = _Live(info, last_heard=now, last_nudge=now)
         self.last = info
@@ -338,13 +345,14 @@ class FailoverCore:
             return []
         self._login_running = False
         move = self._move
+        next_try = max(now, self._attempt_started + self._delay)
         if move is not None:
-            if now + self._delay >= move.deadline:
+            if next_try >= move.deadline:
                 # the old server closes at its deadline; that loss starts the usual path
                 self._move = None
                 return [_note("relogin_elsewhere_failed", "warning", error=message,
                               action="streaming on until the old server closes")]
-            self._retry_at = now + self._delay
+            self._retry_at = next_try
             self._delay = min(self._delay * 2, self.settings.retry_max)
             return [_note("relogin_elsewhere_failed", "warning", error=message,
                           retry_in=round(self._retry_at - now, 3))]
@@ -352,9 +360,9 @@ class FailoverCore:
             self.state = State.CLOSED
             return [FailWaiting(message)]
         self.waiting_reason = self._why(message, no_identical)
-        self._retry_at = now + self._delay
+        self._retry_at = next_try
         actions: list[Action] = [_note(
-            "relogin_failed", "warning", retry_in=round(self._delay, 3), error=message,
+            "relogin_failed", "warning", retry_in=round(next_try - now, 3), error=message,
         )]
         self._delay = min(self._delay * 2, self.settings.retry_max)
         return actions + self._check_give_up(now)
@@ -382,21 +390,27 @@ class FailoverCore:
         if live is not None and live.info.key == session:
             self._learn(site)
 
-    def lost(
-        self, now: float, session: int, reason: str, *, in_flight: int | None = None,
-        drop: bool = False,
-    ) -> list[Action]:
-        """``session`` ended or misbehaved; ``drop``: it sent data that fails the manifest."""
-        live = self.current
-        move = self._move
+    def drop(self, session: int, reason: str) -> None:
+        """``session``'s server sent data that fails the manifest: never use it again for
+        this vDisk. (Its loss is reported apart, with ``lost``.)"""
+        live, move = self.current, self._move
         info = None
         if live is not None and live.info.key == session:
             info = live.info
         elif move is not None and move.old.key == session:
             info = move.old
-        if drop and info is not None:
+        if info is not None:
             self.dropped[info.server_name] = reason
             self._dropped_addresses.add(info.address)
+
+    def lost(
+        self, now: float, session: int, reason: str, *, in_flight: int | None = None,
+        drop: bool = False,
+    ) -> list[Action]:
+        """``session`` ended or misbehaved; ``drop``: it sent data that fails the manifest."""
+        if drop:
+            self.drop(session, reason)
+        live = self.current
         if live is None or live.info.key != session:
             return []  # an old session ending after its replacement: nothing is lost
         if in_flight is not None:
@@ -460,9 +474,20 @@ class FailoverCore:
     def _login(self, now: float) -> list[Action]:
         if self.state is State.CLOSED:
             return []
-        self._attempt += 1
-        self._login_running = True
         servers, avoid, direct = self._plan(now)
+        if not servers:
+            # every server known sent bad data: none is left to try, nor to learn others from
+            self._gave_up = True
+            self.state = State.GAVE_UP
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.dropped.items())
+            self.waiting_reason = f"no other server to read from ({reasons})"
+            return [FailWaiting(
+                f"every server known sent data that does not match the manifest ({reasons}); "
+                "no other server to read from"
+            )]
+        self._attempt += 1
+        self._attempt_started = now
+        self._login_running = True
         return [Login(self._attempt, servers, avoid, direct, self._move is not None,
                       self.settings.connect_timeout)]
 
@@ -472,7 +497,9 @@ class FailoverCore:
         last = self.last
         if last is None:
             return self.bootstrap, "", False
-        if not last.failover:
+        if not last.failover:  # one server provides it: that one, unless it sent bad data
+            if last.address in self._dropped_addresses:
+                return (), "", True
             return (last.address,), "", True
         avoid = self._avoid
         if avoid is not None and now >= avoid.until:
@@ -503,9 +530,6 @@ class FailoverCore:
         for address in addresses:
             if address and address not in self.known:
                 self.known.append(address)
-        avoid = self._avoid
-        if avoid is not None and avoid.address in addresses:
-            self._avoid = None  # the site counts it as serving again: no reason to avoid it
 
     def _check_give_up(self, now: float) -> list[Action]:
         limit = self.settings.give_up_after
@@ -515,7 +539,8 @@ class FailoverCore:
         self._gave_up = True
         self.state = State.GAVE_UP
         message = (
-            f"no server for {now - since:.0f} s ({self.waiting_reason or 'none answered yet'}); "
+            f"no server could stream it for {now - since:.0f} s "
+            f"({self.waiting_reason or 'none answered yet'}); "
             "requests fail until one returns, and the stream resumes by itself then"
         )
         self._delay = self.settings.retry_max

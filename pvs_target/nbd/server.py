@@ -84,6 +84,8 @@ class Backend(Protocol):
     # Optional: ``release(buffers)``, called with buffers ``read`` returned (``PoolBuffer``s
     # only) once the replies carrying them have been handed to the kernel whole, so the
     # backend may reuse them.
+    # Optional: ``waited(started, ended)``, the loop times at which a command arrived and
+    # its reply left: what the client waited, for a backend that reports waits.
 
 
 class BackendError(OSError):
@@ -95,6 +97,8 @@ class BackendError(OSError):
         super().__init__(errno_value, message)
         self.message = message
         self.offset = offset
+        self.logged = False
+        """The backend has logged this failure already (once for many requests)."""
 
 
 def export_info(
@@ -233,6 +237,10 @@ class _ExportConnection(asyncio.BufferedProtocol):
             self._backend, "read_now", None
         )
         self._submitted: Callable[[], None] | None = getattr(self._backend, "submitted", None)
+        self._waited: Callable[[float, float], None] | None = getattr(
+            self._backend, "waited", None
+        )
+        self._clock = asyncio.get_running_loop().time
         self._in_flight_bytes = 0
         self._lent: Lent | None = None
         """Read data in replies, given back to the backend once the transport is done."""
@@ -394,15 +402,16 @@ class _ExportConnection(asyncio.BufferedProtocol):
         self.requests += 1
         if command.kind is not CommandKind.FLUSH:
             self._in_flight_bytes += command.length
+        started = self._clock()
         if command.kind is CommandKind.READ and self._read_now is not None:
-            fast = _FastRead(self, command)
+            fast = _FastRead(self, command, started)
             if self._read_now(command.offset, command.length, fast):
                 self._tasks.add(fast)
                 return
-        self._start_task(command)
+        self._start_task(command, started)
 
-    def _start_task(self, command: Command) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(command))
+    def _start_task(self, command: Command, started: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(command, started))
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._request_done(done, command))
 
@@ -415,9 +424,11 @@ class _ExportConnection(asyncio.BufferedProtocol):
         if not self._lost:
             if not isinstance(result, Data) or len(result) != command.length:
                 self._tasks.discard(fast)
-                self._start_task(command)
+                self._start_task(command, fast.started)
                 return
             self._send(self._protocol.reply_read(command.handle, command.offset, result))
+            if self._waited is not None:
+                self._waited(fast.started, self._clock())
         self._request_done(fast, command)
 
     def _request_done(self, task: asyncio.Task[None] | _FastRead, command: Command) -> None:
@@ -430,7 +441,7 @@ class _ExportConnection(asyncio.BufferedProtocol):
         elif self._reading_paused:
             self._pump()
 
-    async def _serve(self, command: Command) -> None:
+    async def _serve(self, command: Command, started: float) -> None:
         protocol = self._protocol
         handle = command.handle
         reply: list[Data] | Data
@@ -439,9 +450,10 @@ class _ExportConnection(asyncio.BufferedProtocol):
         except OSError as error:
             code = wire.error_from_errno(error.errno or errno.EIO)
             message = getattr(error, "message", None) or error.strerror or str(error)
-            self._log.warning("nbd_backend_error", command=command.kind.name,
-                              offset=command.offset, length=command.length,
-                              error=code.name, detail=message)
+            if not getattr(error, "logged", False):
+                self._log.warning("nbd_backend_error", command=command.kind.name,
+                                  offset=command.offset, length=command.length,
+                                  error=code.name, detail=message)
             reply = protocol.reply_error(handle, command.kind, code, message,
                                          getattr(error, "offset", None))
         except Exception:
@@ -450,6 +462,8 @@ class _ExportConnection(asyncio.BufferedProtocol):
             reply = protocol.reply_error(handle, command.kind, wire.NbdError.EIO,
                                          "internal error in the export (see its log)")
         self._send(reply)
+        if self._waited is not None:
+            self._waited(started, self._clock())
 
     async def _call(self, command: Command) -> list[Data] | bytes:
         backend = self._backend
@@ -508,11 +522,13 @@ class _FastRead:
     """A READ served by the backend's ``read_now``: the callback it answers, and what the
     connection needs to track it like a task (cancel, count)."""
 
-    __slots__ = ("cancelled", "command", "connection")
+    __slots__ = ("cancelled", "command", "connection", "started")
 
-    def __init__(self, connection: _ExportConnection, command: Command) -> None:
+    def __init__(self, connection: _ExportConnection, command: Command, started: float) -> None:
         self.connection = connection
         self.command = command
+        self.started = started
+        """When the command arrived: a failed fast read done again keeps its wait."""
         self.cancelled = False
 
     def __call__(self, result: object) -> None:

@@ -189,19 +189,30 @@ def test_the_lost_server_is_tried_last_and_named_in_avoid() -> None:
     assert login.servers[-1] == A and login.avoid == "a"
 
 
-def test_the_avoid_window_ends_when_the_server_is_heard_serving_again() -> None:
-    servers = site(Server("a", A, site=(B,)), Server("b", B, site=(A,)))
+def test_a_site_list_naming_the_lost_server_does_not_end_the_avoid() -> None:
+    servers = three()
     sim = Sim(servers, [A])
     servers[A].talks = False
     sim.run(2.0)
     assert sim.session is servers[B]
-    servers[A].talks = True
-    sim.core.site(sim.core.session or 0, (A,))  # B's SITE list names A serving again
-    servers[B].talks = False
-    sim.run(6.0)
+    sim.core.site(sim.core.session or 0, (A, C))  # B's peers have not noticed A is gone
+    sim.apply(sim.core.relogin(sim.now, sim.core.session or 0, 5000, (A, C), "stopping"))
     login = sim.logins[-1]
-    assert login.avoid == "b"  # not "a": A is no longer avoided
+    assert login.avoid == "a" and login.servers[-2:] == (A, B)
+    assert sim.session is servers[C]
+
+
+def test_a_frozen_last_server_is_used_again_as_soon_as_it_wakes() -> None:
+    """The only server freezes for 5 s: back-to-back login attempts (each waits out its
+    connect timeout; no back-off gap after it) reach it within one attempt of waking."""
+    servers = site(Server("a", A))
+    sim = Sim(servers, [A])
+    servers[A].talks = servers[A].reachable = False
+    sim.run(5.0)
+    servers[A].talks = servers[A].reachable = True
+    sim.run(5.0 + SETTINGS.connect_timeout + SETTINGS.retry_min + 0.01)
     assert sim.session is servers[A]
+    assert sim.records[0].took <= 5.0 + SETTINGS.connect_timeout + SETTINGS.retry_min
 
 
 def test_after_the_avoid_window_the_lost_server_is_tried_in_turn() -> None:
