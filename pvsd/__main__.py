@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from pvsd import config as config_module
+from pvsd import locks
 from pvsd.admin import AdminServer
 from pvsd.logs import configure
 from pvsd.server import StreamServer
@@ -21,8 +23,22 @@ log = structlog.get_logger("pvsd")
 async def serve(config: config_module.Config) -> None:
     stores = [Store(path) for path in config.stores]
     stores += [Store(path, shared=True) for path in config.shared_stores]
-    catalog = Catalog(stores)
+    for store in stores:  # before any login: no session of this process holds them
+        locks.release_stale(store.path, config.name)
+    # Hashing, verification and scrub get a pool of their own: serving never waits for it.
+    background = ThreadPoolExecutor(config.background_threads, thread_name_prefix="pvsd-bg")
+    catalog = Catalog(stores, threads=config.background_threads, executor=background)
     server = StreamServer(config, catalog)
+    try:
+        await _serve(config, catalog, server)
+    finally:
+        server.close()
+        background.shutdown(wait=False, cancel_futures=True)
+        catalog.close()
+    log.info("stopped")
+
+
+async def _serve(config: config_module.Config, catalog: Catalog, server: StreamServer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -36,6 +52,7 @@ async def serve(config: config_module.Config) -> None:
             site.on_peer_down.append(server.peer_down)
             catalog.on_change(lambda _name, _vdisk: site.inventory_changed())
             background.append(group.create_task(site.run()))
+            background.append(group.create_task(server.send_site_updates()))
         admin = AdminServer(config, server)
         if config.admin_host:
             await admin.start()
@@ -45,8 +62,6 @@ async def serve(config: config_module.Config) -> None:
         await admin.close()
         for task in background:
             task.cancel()
-    catalog.close()
-    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 6910
+DEFAULT_BACKGROUND_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class ConfigError(Exception):
@@ -61,6 +63,16 @@ class Config:
     """Bytes per second the background scrub reads (one replica at a time); 0: no scrub."""
     scrub_interval: float = 86400.0
     """Seconds between the end of one scrub pass over all replicas and the next."""
+    io_threads: int = 16
+    """Worker threads for serving I/O (reads that miss the page cache, writes, fdatasync):
+    a pool of their own, so that hashing and scrubbing never make a target's read wait."""
+    background_threads: int = DEFAULT_BACKGROUND_THREADS
+    """Worker threads for manifests, verification, re-checks and the scrub: few, since they
+    compete with serving for the disk and the CPU and nobody waits on them."""
+    stall_timeout: float = 1.0
+    """A read or write not finished in a worker thread after this many seconds is answered
+    with a retryable IO_ERROR, and its store counts as stalled (not served, its targets sent
+    elsewhere) until its late requests finish."""
 
     @property
     def listen(self) -> str:
@@ -133,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--scrub-rate", type=float, help="bytes/s the background scrub reads (0: off)"
     )
     parser.add_argument("--scrub-interval", type=float, help="seconds between scrub passes")
+    parser.add_argument(
+        "--io-threads", type=int, help="worker threads for serving I/O (default 16)"
+    )
+    parser.add_argument(
+        "--background-threads", type=int,
+        help=f"worker threads for hashing and scrub (default {DEFAULT_BACKGROUND_THREADS})",
+    )
+    parser.add_argument(
+        "--stall-timeout", type=float,
+        help="seconds before a store that does not answer is treated as stalled (default 1)",
+    )
     return parser
 
 
@@ -145,6 +168,7 @@ def load(argv: list[str] | None = None) -> Config:
         "name", "log_json", "log_level", "max_request", "max_in_flight", "idle_timeout",
         "handshake_timeout", "watch_interval", "power", "admin", "advertise", "key_file",
         "peer_timeout", "heartbeat_interval", "drain_timeout", "scrub_rate", "scrub_interval",
+        "io_threads", "background_threads", "stall_timeout",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -263,9 +287,14 @@ def _validate(config: Config) -> None:
     for key in (
         "handshake_timeout", "idle_timeout", "watch_interval", "drain_timeout",
         "heartbeat_interval", "peer_timeout", "inventory_interval", "scrub_interval",
+        "stall_timeout",
     ):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive")
+    if not 1 <= config.io_threads <= 1024:
+        raise ConfigError("io_threads must be between 1 and 1024")
+    if not 1 <= config.background_threads <= 64:
+        raise ConfigError("background_threads must be between 1 and 64")
     if config.scrub_rate < 0:
         raise ConfigError("scrub_rate must be 0 (off) or a positive number of bytes per second")
     if not config.name or len(config.name) > 64:

@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
@@ -353,8 +354,10 @@ async def build_manifest_keyed(
     progress_interval: float = 2.0,
     threads: int = DEFAULT_THREADS,
     shared: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[mf.Manifest, StatKey]:
-    """`build_manifest`, also returning the stat key of the image it read."""
+    """`build_manifest`, also returning the stat key of the image it read; the hashing runs
+    in ``executor`` (pvsd's background pool, so serving never waits behind it)."""
     mf.check_block_size(block_size)
     parts: dict[int, bytes] = {}
 
@@ -363,7 +366,7 @@ async def build_manifest_keyed(
 
     key = await _pass(
         path, block_size, keep, log=log, what="manifest", progress_interval=progress_interval,
-        threads=threads, shared=shared,
+        threads=threads, shared=shared, executor=executor,
     )
     leaves = b"".join(parts[first] for first in sorted(parts))
     stamp = key.mtime_ns if created_ns is None else created_ns
@@ -385,6 +388,7 @@ async def verify_image(
     threads: int = DEFAULT_THREADS,
     shared: bool = False,
     what: str = "verify",
+    executor: Executor | None = None,
 ) -> Verdict:
     """Re-read the image and compare each block with its digest.
 
@@ -424,7 +428,7 @@ async def verify_image(
     key = await _pass(
         path, shape.block_size, compare, log=log, what=what,
         progress_interval=progress_interval, threads=1 if rate else threads, rate=rate,
-        progress=progress, direct=direct, shared=shared,
+        progress=progress, direct=direct, shared=shared, executor=executor,
     )
     return Verdict(progress.bad_blocks, progress.first_bad, key)
 
@@ -446,9 +450,12 @@ async def _pass(
     progress: Progress | None = None,
     direct: bool = False,
     shared: bool = False,
+    executor: Executor | None = None,
 ) -> StatKey:
-    """Read the whole image once in worker threads, handing the leaf digests of each chunk to
-    ``sink(first_block, digests)``; the stat key must be the same before and after."""
+    """Read the whole image once in worker threads (of ``executor``; None: the loop's
+    default), handing the leaf digests of each chunk to ``sink(first_block, digests)``; the
+    stat key must be the same before and after."""
+    loop = asyncio.get_running_loop()
     stop = threading.Event()
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a FIFO must not hang us
     fd = os.open(path, flags)
@@ -471,8 +478,9 @@ async def _pass(
         reporter = asyncio.create_task(_report(log, what, path, progress, progress_interval))
         try:
             await asyncio.gather(*(
-                asyncio.to_thread(
-                    _hash_range, fd, start, end, block_size, sink, progress, pacer, stop
+                loop.run_in_executor(
+                    executor, _hash_range, fd, start, end, block_size, sink, progress, pacer,
+                    stop,
                 )
                 for start, end in ranges
             ))

@@ -1,10 +1,20 @@
-"""The stream service: listens for targets, owns their sessions, and shuts down in order."""
+"""The stream service: listens for targets, owns their sessions, and shuts down in order.
+
+It also owns what sessions share: the serving thread pool (and the record of which stores do
+not answer, `pvsd.stalls`), the writer-lock decisions of Private Images, and the SITE frames
+that keep streaming targets' lists of servers current.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import structlog
 
@@ -15,12 +25,23 @@ from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
 from pvsd import balance, locks
-from pvsd.config import Config, format_address
+from pvsd.config import Config, format_address, parse_address
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry
+from pvsd.stalls import StallTracker, Transition
 from pvsd.store import Catalog, VDisk
 
 log = structlog.get_logger("pvsd.server")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+SITE_UPDATE_INTERVAL = 0.25
+"""SITE frames are coalesced: at most one per streaming target this often."""
+LOCK_PROBE_TIMEOUT = 0.5
+"""How long a connection to a lock holder's stream port may take. A refusal comes back at once
+from a live host whose pvsd crashed; a host that does not answer in time may be frozen or cut
+off, and keeps its lock until the site declares it down."""
 
 
 class StreamState(enum.Enum):
@@ -46,6 +67,17 @@ class StreamServer:
         self._bytes_done = 0
         self._rate = 0
         self._rate_sample = (time.monotonic(), 0)
+        self.io_pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="pvsd-io")
+        """Serving I/O only (reads that miss the page cache, writes, fdatasync): hashing and
+        scrubbing run in the catalog's pool, so they never make a target's read wait."""
+        self.stalls = StallTracker()
+        self.lingering_writers: set[int] = set()
+        """Sessions ended while their writes were still in worker threads: their writer
+        locks stay held (see Session)."""
+        self._crashed: dict[str, float] = {}
+        """Peers found crashed by a lock probe: name -> when last heard (valid until heard
+        again)."""
+        self._site_sent: frozenset[str] = frozenset()
 
     async def start(self) -> None:
         """Listen; only once this returns is the service started."""
@@ -79,8 +111,10 @@ class StreamServer:
         if self.state is not StreamState.SERVING or self._server is None:
             return
         self.state = StreamState.STOPPING
-        self._server.close()
+        # Peers hear of it before the port closes: a peer that finds our port refusing
+        # connections while we say SERVING takes our writer locks over (probe_lock_holder).
         self._announce()
+        self._server.close()
         deadline = self.config.drain_timeout
         streaming = [s for s in self.sessions if s.streaming]
         log.info("stream_service_stopping", targets=len(streaming), drain_seconds=deadline)
@@ -116,6 +150,10 @@ class StreamServer:
         self.state = StreamState.STOPPED
         self._announce()
         log.info("stream_service_stopped")
+
+    def close(self) -> None:
+        """At exit: threads stuck on a store that does not answer are not waited for."""
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
 
     async def stop(self) -> None:
         """SIGTERM: the same orderly move of targets as stop-stream."""
@@ -171,6 +209,12 @@ class StreamServer:
                 f"{vdisk.name} on {self.config.name} is damaged (first bad offset "
                 f"{vdisk.damage.first_offset}): log in at another server of the site",
             )
+        if self.stalls.stalled(vdisk.store.path):
+            return ev.Error(
+                0, ErrorCode.NO_IDENTICAL_REPLICA,
+                f"the store of {vdisk.name} on {self.config.name} is not answering (stalled "
+                "I/O): log in at another server of the site",
+            )
         if identity is None:
             return ev.Error(
                 0, ErrorCode.IDENTITY_PENDING,
@@ -192,9 +236,7 @@ class StreamServer:
             owner = locks.Owner(self.config.name, session_id, login.device_id, time.time())
             try:
                 locks.acquire(
-                    vdisk.path, owner,
-                    # the same device coming back (its old connection broke) takes its lock over
-                    alive=lambda held: held.device != owner.device and self._writer_alive(held),
+                    vdisk.path, owner, gone=lambda held: self._writer_gone(held, owner.device)
                 )
             except locks.Busy as busy:
                 return ev.Error(0, ErrorCode.BUSY, str(busy))
@@ -204,20 +246,184 @@ class StreamServer:
             server_address=self.advertised, site=self._site_addresses(),
         )
 
-    def _writer_alive(self, owner: locks.Owner) -> bool:
-        """Whether a lock holder still writes: our own session, or a server the site sees."""
-        if owner.server == self.config.name:
-            return any(s.session_id == owner.session for s in self.sessions)
+    def _writer_gone(self, held: locks.Owner, device: str) -> str | None:
+        """Why a lock holder no longer writes, or None while it may: a session of ours that
+        still exists (or whose writes are still in threads), or a server the site sees and
+        that has not been found crashed."""
+        if held.server == self.config.name and held.session in self.lingering_writers:
+            return None  # its late writes could land under the next writer
+        if held.device == device:
+            return "the same device logs in again (its old connection broke)"
+        if held.server == self.config.name:
+            if any(s.session_id == held.session for s in self.sessions):
+                return None
+            return "its session on this server has ended"
         if self.site is None:
-            return True  # a server we cannot see may well be alive: never steal its lock
-        peer = self.site.peers.get(owner.server)
-        return peer is None or peer.up
+            return None  # a server we cannot see may well be alive: never steal its lock
+        peer = self.site.peers.get(held.server)
+        if peer is None:
+            return None
+        if not peer.up:
+            return f"server {held.server} is declared down (silent for over peer_timeout)"
+        if self._crashed.get(held.server) == peer.last_heard:
+            return (
+                f"server {held.server} crashed: its stream port refused a connection and it "
+                "sent no heartbeat since"
+            )
+        return None
+
+    def lock_holder_to_probe(self, vdisk_name: str) -> locks.Owner | None:
+        """The holder of a Private Image's writer lock on a shared store whose server must
+        be probed before a login can know whether it is gone; None when the sync rules
+        decide (no lock, our own, a server down or unknown, one found crashed already)."""
+        if self.site is None or self.state is not StreamState.SERVING:
+            return None
+        vdisk = self.catalog.get(vdisk_name)
+        if vdisk is None or vdisk.properties.mode is not Mode.private or not vdisk.store.shared:
+            return None
+        holder = locks.read_owner(vdisk.path)
+        if holder is None or holder.server in (self.config.name, "?"):
+            return None
+        peer = self.site.peers.get(holder.server)
+        if peer is None or not peer.up or peer.heartbeat.state is not ServerState.SERVING:
+            return None  # a stopping server's port is closed by design: never a crash sign
+        if self._crashed.get(holder.server) == peer.last_heard:
+            return None
+        return holder
+
+    async def probe_lock_holder(self, holder: locks.Owner) -> None:
+        """Find out whether the server holding a writer lock crashed, well before the site's
+        peer timeout would say so.
+
+        A refused connection to its stream port means no process listens there: pvsd died
+        (a frozen or cut-off server still has its socket, or does not answer at all, and keeps
+        its lock until declared down). A server that stops its stream service announces it
+        before closing the port, so a refusal while the site still sees it SERVING and no
+        heartbeat for 1.5 heartbeat intervals (one lost datagram tolerated) is a crash; the
+        login waits at most that long (0.75 s by default).
+        """
+        assert self.site is not None
+        peer = self.site.peers.get(holder.server)
+        if peer is None:
+            return
+        heard = peer.last_heard
+        try:
+            host, port = parse_address(peer.heartbeat.stream_address)
+            async with asyncio.timeout(LOCK_PROBE_TIMEOUT):
+                _reader, writer = await asyncio.open_connection(host, port)
+        except ConnectionRefusedError:
+            pass
+        except (OSError, TimeoutError, ValueError):
+            return  # unreachable, or not answering: only the site's verdict frees its lock
+        else:
+            writer.close()  # a process listens there: its writer may well be alive
+            return
+        quiet = 1.5 * self.config.heartbeat_interval
+        await asyncio.sleep(max(0.0, heard + quiet - time.monotonic()))
+        if (
+            peer.last_heard != heard or not peer.up
+            or peer.heartbeat.state is not ServerState.SERVING
+        ):
+            return
+        self._crashed[holder.server] = heard
+        log.warning(
+            "lock_holder_crashed", server=holder.server, device=holder.device,
+            silent_for=round(time.monotonic() - heard, 2),
+            hint="its stream port refuses connections and it fell silent: its writer locks "
+            "are taken over by the next login",
+        )
 
     def peer_down(self, name: str) -> None:
         """A declared-down server cannot release its writer locks: release them for it."""
         for vdisk in self.catalog.values():
             if vdisk.store.shared and vdisk.properties.mode is Mode.private:
                 locks.release_server(vdisk.path, name)
+
+    # -- serving I/O and stalled stores ------------------------------------------------------
+
+    async def run_io(
+        self, store: Path, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Blocking file work of a session, in the serving pool, recorded against its store
+        until the thread returns (not until the caller stops waiting: a cancelled wait does
+        not stop a thread stuck in the kernel)."""
+        loop = asyncio.get_running_loop()
+        token = self.stalls.started(store)
+        future = self.io_pool.submit(function, *args, **kwargs)
+        timer = loop.call_later(self.config.stall_timeout, self._io_overdue, token, store)
+
+        def returned(_done: Future[_T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: pvsd is exiting
+                loop.call_soon_threadsafe(self._io_returned, token, store, timer)
+
+        future.add_done_callback(returned)
+        return await asyncio.wrap_future(future)
+
+    def store_stalled(self, store: Path) -> bool:
+        return self.stalls.stalled(store)
+
+    def _io_overdue(self, token: int, store: Path) -> None:
+        if self.stalls.overdue(token) is Transition.STALLED:
+            self._store_stalled(store)
+
+    def _io_returned(self, token: int, store: Path, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if self.stalls.finished(token) is Transition.RECOVERED:
+            log.warning(
+                "store_recovered", store=str(store),
+                hint="its requests complete again: its replicas are served again",
+            )
+            self._inventory_changed()
+
+    def _store_stalled(self, store: Path) -> None:
+        """Stop counting on a store that does not answer: its replicas leave the site's
+        inventory, logins to them are refused, and its streaming targets are asked to move
+        (RELOGIN, without closing: a target with nowhere else to go stays and is served
+        again once the store answers)."""
+        moving = [
+            s for s in self.sessions
+            if s.streaming and s.vdisk is not None and s.vdisk.store.path == store
+        ]
+        log.error(
+            "store_stalled", store=str(store), seconds=self.config.stall_timeout,
+            in_threads=self.stalls.waiting(store), targets_moved=len(moving),
+            action=f"requests to {store} have not completed for {self.config.stall_timeout:g} "
+            "s: check the disk or network share under it; its targets are sent to other "
+            "servers, and it is served again once its requests complete",
+        )
+        self._inventory_changed()
+        site = self._site_addresses()
+        for session in moving:
+            session.send(
+                ev.Relogin(
+                    int(self.config.drain_timeout * 1000),
+                    f"the store of {self.config.name} is not answering", site,
+                )
+            )
+
+    def _inventory_changed(self) -> None:
+        if self.site is not None:
+            self.site.inventory_changed()
+
+    # -- the site, as targets see it ---------------------------------------------------------
+
+    async def send_site_updates(self) -> None:
+        """Send SITE to every streaming target when the servers a LOGIN_OK would name change
+        (one added, stopped, down or back), coalesced; until cancelled. A change of their
+        order alone (loads move all the time) is not sent."""
+        while True:
+            await asyncio.sleep(SITE_UPDATE_INTERVAL)
+            if self.state is not StreamState.SERVING:
+                continue
+            addresses = self._site_addresses()
+            if frozenset(addresses) == self._site_sent:
+                continue
+            self._site_sent = frozenset(addresses)
+            update = ev.SiteUpdate(addresses)
+            streaming = [s for s in self.sessions if s.streaming]
+            for session in streaming:
+                session.send(update)
+            log.info("site_sent", servers=list(addresses), targets=len(streaming))
 
     def _site_addresses(self) -> tuple[str, ...]:
         if self.site is None:
@@ -252,8 +458,10 @@ class StreamServer:
         replicas = {}
         for name, vdisk in self.catalog.items():
             r = self.replica(vdisk)
+            # a stalled store's replicas are not served: no identity while it is stalled
+            identity = None if self.stalls.stalled(vdisk.store.path) else r.identity
             replicas[name] = replica_entry(
-                name, r.identity, mode=r.mode, maintenance=r.maintenance,
+                name, identity, mode=r.mode, maintenance=r.maintenance,
                 load_balancing=r.load_balancing, fixed_server=r.fixed_server,
                 affinity=r.affinity, shared=r.shared, damage=vdisk.damage,
             )

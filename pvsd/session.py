@@ -6,6 +6,12 @@ thread. A thread hop costs more than a cached 4 KiB read, so doing it for every 
 cap small-read IOPS far below what the clients can ask for (aiofiles' way, always a thread,
 is kept for that fallback only).
 
+Worker threads come from the server's serving pool (``io_threads``), never from the pool that
+hashes and scrubs, so background work cannot make a target's read wait. A request still in its
+thread after ``stall_timeout`` is answered at once with a retryable IO_ERROR and its late result
+dropped: a store that does not answer (a hung disk, an NFS share gone) sends its targets
+elsewhere instead of holding them (see `pvsd.stalls`).
+
 Replies are copied from the page cache into a buffer and written with ``writelines``, not sent
 with ``sendfile``: every reply carries a CRC-32 of its data, which needs the bytes in memory
 anyway; uvloop has no ``loop.sendfile``; and on this machine one loopback stream carried
@@ -16,16 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import os
 import secrets
 import socket
 import time
 import typing
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiofiles.os
 import structlog
 
 from pvs_protocol import events as ev
@@ -55,8 +60,19 @@ DAMAGE_REPORTS = 4
 DAMAGE_WINDOW = 10.0
 """At most this many DAMAGED reports per session in this many seconds are acted upon: each
 costs a read here, and a lying target must not make the server re-read without end."""
-_preadv = aiofiles.os.wrap(os.preadv)
-_fdatasync = aiofiles.os.wrap(os.fdatasync)
+
+
+@dataclasses.dataclass(slots=True)
+class _Offloaded:
+    """A request handed to a worker thread, until the thread returns."""
+
+    request_id: int
+    what: str
+    timer: asyncio.TimerHandle | None = None
+    answered: bool = False
+    """Answered already (with IO_ERROR, the store being stalled): the late result is dropped,
+    since the state machine closes a request on its first answer and the target may have
+    reused the id."""
 
 
 class Session(asyncio.Protocol):
@@ -78,7 +94,11 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._log = log
         self._paused = False
-        self._pending: set[asyncio.Future[ev.Event]] = set()
+        self._pending: dict[asyncio.Future[ev.Event], _Offloaded] = {}
+        """Requests in worker threads. They are not cancelled when the connection ends (a
+        thread cannot be stopped): a writer's lock and image stay held until its last write
+        has returned, so that no late write lands under another writer."""
+        self._login_task: asyncio.Task[None] | None = None
         self.identity: ReplicaIdentity | None = None
         self.image: ImageFile | None = None
         self.manifest: ManifestFile | None = None
@@ -144,16 +164,19 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for future in self._pending:
-            future.cancel()
+        if self._login_task is not None:
+            self._login_task.cancel()
         self.server.unregister(self)
         if self.write_fd is not None and self.vdisk is not None:
-            os.close(self.write_fd)
-            self.write_fd = None
-            locks.release(self.vdisk.path, self.session_id)
-            # The digests of every landed write are in the manifest file already (durable
-            # once a FLUSH was answered); the identity follows its root.
-            self.server.catalog.writer_left(self.vdisk, self.session_id)
+            if self._pending:
+                self.server.lingering_writers.add(self.session_id)
+                self._log.warning(
+                    "writer_release_deferred", in_threads=len(self._pending),
+                    hint="writes of this target are still in worker threads (the store does "
+                    "not answer?): its writer lock is kept until they return",
+                )
+            else:
+                self._release_writer()
         if self.conn.phase is not Phase.CLOSED:
             self._log.info(
                 "target_disconnected", reason=str(exc) if exc else "closed by target",
@@ -162,6 +185,17 @@ class Session(asyncio.Protocol):
         self.transport = None
         if not self._closed.done():
             self._closed.set_result(None)
+
+    def _release_writer(self) -> None:
+        if self.write_fd is None or self.vdisk is None:
+            return
+        os.close(self.write_fd)
+        self.write_fd = None
+        locks.release(self.vdisk.path, self.session_id)
+        self.server.lingering_writers.discard(self.session_id)
+        # The digests of every landed write are in the manifest file already (durable
+        # once a FLUSH was answered); the identity follows its root.
+        self.server.catalog.writer_left(self.vdisk, self.session_id)
 
     def pause_writing(self) -> None:
         # The target reads slower than we answer: stop taking requests until it catches up.
@@ -268,6 +302,28 @@ class Session(asyncio.Protocol):
         if not login.device_id or len(login.device_id) > 128:
             self._refuse(ErrorCode.BAD_NAME, "device id must be 1..128 characters", login)
             return
+        holder = self.server.lock_holder_to_probe(login.vdisk)
+        if holder is not None and self._login_task is None:
+            # A Private Image locked through another server: find out (without blocking the
+            # loop) whether that server crashed before answering; LOGIN is one at a time.
+            self._login_task = asyncio.ensure_future(self._login_after_probe(login, holder))
+            return
+        self._place(login)
+
+    async def _login_after_probe(self, login: ev.Login, holder: locks.Owner) -> None:
+        try:
+            await self.server.probe_lock_holder(holder)
+        finally:
+            self._login_task = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._batch = []
+        try:
+            self._place(login)
+        finally:
+            self._write_batch()
+
+    def _place(self, login: ev.Login) -> None:
         decision = self.server.place(login, self)
         if isinstance(decision, ev.Error | ev.Redirect):
             if isinstance(decision, ev.Error):
@@ -385,8 +441,46 @@ class Session(asyncio.Protocol):
         if got == read.length:
             self.bytes_read += got
             self.send(ev.ReadData(read.request_id, buffer))
-        else:
-            self._offload(read.request_id, "read", _read_rest(image, buffer, read, got))
+        elif not self._store_stalled(read.request_id, "read"):
+            self._offload(read.request_id, "read", self._read_rest(image, buffer, read, got))
+
+    def _store_stalled(self, request_id: int, what: str) -> bool:
+        """Answer a request that needs the disk at once while its store is stalled: another
+        thread would only wait behind the stuck ones, and the target should move now."""
+        vdisk = self.vdisk
+        assert vdisk is not None
+        if not self.server.store_stalled(vdisk.store.path):
+            return False
+        self.send(ev.Error(request_id, ErrorCode.IO_ERROR, self._stalled_message(what)))
+        return True
+
+    def _stalled_message(self, what: str) -> str:
+        name = self.vdisk.name if self.vdisk is not None else "?"
+        return (
+            f"{what} of {name}: the store of this server is not answering (stalled I/O): "
+            "log in at another server"
+        )
+
+    async def _read_rest(
+        self, image: ImageFile, buffer: bytearray, read: ev.Read, got: int
+    ) -> ev.Event:
+        """Finish a read that would block, in a serving worker thread: the loop stays free."""
+        store = self._store()
+        view = memoryview(buffer)
+        while got < len(buffer):
+            count = await self.server.run_io(
+                store, os.preadv, image.fd, [view[got:]], read.offset + got
+            )
+            if count == 0:
+                raise OSError(
+                    0, "image is shorter than its identity says (truncated while served?)"
+                )
+            got += count
+        return ev.ReadData(read.request_id, buffer)
+
+    def _store(self) -> Path:
+        assert self.vdisk is not None
+        return self.vdisk.store.path
 
     def _write(self, write: ev.Write) -> None:
         if self._check_range(write.request_id, write.offset, len(write.data)) is None:
@@ -398,6 +492,8 @@ class Session(asyncio.Protocol):
                 f"{name} is a Standard Image: writes belong in the target's write cache",
             )
             return
+        if self._store_stalled(write.request_id, "write"):
+            return
         self.bytes_written += len(write.data)
         self._offload(write.request_id, "write", self._write_recorded(self.write_fd, write))
 
@@ -406,8 +502,8 @@ class Session(asyncio.Protocol):
         the identity follows the new root."""
         vdisk, manifest = self.vdisk, self.manifest
         assert vdisk is not None and manifest is not None
-        identity = await asyncio.to_thread(
-            write_and_record, fd, manifest, write.offset, write.data
+        identity = await self.server.run_io(
+            self._store(), write_and_record, fd, manifest, write.offset, write.data
         )
         if vdisk.manifest is manifest:
             self.server.catalog.wrote(vdisk, identity)
@@ -417,14 +513,17 @@ class Session(asyncio.Protocol):
         if self.write_fd is None:
             self.send(ev.Done(flush.request_id))  # nothing of ours is unwritten
             return
+        if self._store_stalled(flush.request_id, "flush"):
+            return
         self._offload(flush.request_id, "flush", self._sync(self.write_fd, flush.request_id))
 
     async def _sync(self, fd: int, request_id: int) -> ev.Event:
         """The data, then the manifest entries that describe it: durable before DONE."""
         vdisk, manifest = self.vdisk, self.manifest
-        await _fdatasync(fd)
+        store = self._store()
+        await self.server.run_io(store, os.fdatasync, fd)
         if manifest is not None:
-            await asyncio.to_thread(manifest.sync)
+            await self.server.run_io(store, manifest.sync)
             if vdisk is not None and vdisk.manifest is manifest:
                 self.server.catalog.wrote(vdisk, manifest.identity, tell=True)
         return ev.Done(request_id)
@@ -486,15 +585,41 @@ class Session(asyncio.Protocol):
         )
 
     def _offload(self, request_id: int, what: str, work: Coroutine[Any, Any, ev.Event]) -> None:
-        """Run blocking file work in a worker thread; the session owns it until it ends."""
+        """Run blocking file work in a worker thread; the session owns it until the thread
+        returns. Not answered within the stall timeout, it is answered with IO_ERROR then."""
         task = asyncio.ensure_future(work)
-        self._pending.add(task)
-        task.add_done_callback(functools.partial(self._offload_done, request_id, what))
+        offloaded = self._pending[task] = _Offloaded(request_id, what)
+        offloaded.timer = asyncio.get_running_loop().call_later(
+            self.server.config.stall_timeout, self._overdue, task
+        )
+        task.add_done_callback(self._offload_done)
 
-    def _offload_done(self, request_id: int, what: str, task: asyncio.Future[ev.Event]) -> None:
-        self._pending.discard(task)
-        if task.cancelled():
+    def _overdue(self, task: asyncio.Future[ev.Event]) -> None:
+        offloaded = self._pending.get(task)
+        if offloaded is None or task.done() or offloaded.answered:
             return
+        offloaded.answered = True
+        seconds = self.server.config.stall_timeout
+        self._log.warning(
+            "request_stalled", request=offloaded.request_id, op=offloaded.what,
+            seconds=seconds, store=str(self._store()),
+            hint="answered with IO_ERROR so that the target moves; the store does not answer",
+        )
+        self.send(ev.Error(offloaded.request_id, ErrorCode.IO_ERROR,
+                           self._stalled_message(offloaded.what)))
+
+    def _offload_done(self, task: asyncio.Future[ev.Event]) -> None:
+        offloaded = self._pending.pop(task)
+        if offloaded.timer is not None:
+            offloaded.timer.cancel()
+        if self.transport is None and not self._pending:
+            self._release_writer()  # the connection ended while writes were in threads
+        if task.cancelled() or offloaded.answered:
+            if offloaded.answered and not task.cancelled() and task.exception() is None:
+                self._log.info("late_result_dropped", request=offloaded.request_id,
+                               op=offloaded.what)
+            return
+        request_id, what = offloaded.request_id, offloaded.what
         error = task.exception()
         if isinstance(error, OSError):
             self._io_failed(request_id, what, error)
@@ -543,17 +668,6 @@ def _address(name: object) -> str:
     if isinstance(name, tuple) and len(name) >= 2:
         return format_address(str(name[0]), int(name[1]))
     return str(name)
-
-
-async def _read_rest(image: ImageFile, buffer: bytearray, read: ev.Read, got: int) -> ev.Event:
-    """Finish a read that would block, in a worker thread (aiofiles' way: the loop stays free)."""
-    view = memoryview(buffer)
-    while got < len(buffer):
-        count = await _preadv(image.fd, [view[got:]], read.offset + got)
-        if count == 0:
-            raise OSError(0, "image is shorter than its identity says (truncated while served?)")
-        got += count
-    return ev.ReadData(read.request_id, buffer)
 
 
 def new_session_id() -> int:

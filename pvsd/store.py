@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import stat
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -55,6 +58,7 @@ from pvsd.properties import PropertiesError, VDiskProperties, load_properties, p
 IMAGE_SUFFIX = ".img"
 
 _log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 Listener = Callable[[str, "VDisk | None"], None]
 """Called with a vDisk name and its current replica, or None once it is no longer served."""
@@ -334,13 +338,17 @@ class Catalog(Mapping[str, VDisk]):
         scrub_rate: float = 0,
         scrub_interval: float = 86400.0,
         threads: int = DEFAULT_THREADS,
+        executor: Executor | None = None,
     ) -> None:
-        """``stores`` in priority order; a plain path is a store that is not shared."""
+        """``stores`` in priority order; a plain path is a store that is not shared.
+        ``executor`` runs every pass over the images (pvsd gives its background pool, so that
+        hashing never holds the threads serving reads wait for; None: the loop's default)."""
         self.stores = tuple(store if isinstance(store, Store) else Store(store) for store in stores)
         self.scrub_rate = scrub_rate
         self.scrub_interval = scrub_interval
         self._progress_interval = progress_interval
         self._threads = threads
+        self._executor = executor
         self._view: dict[str, VDisk] = {}
         self._shadowed: set[tuple[str, Path]] = set()
         self._listeners: list[Listener] = []
@@ -485,6 +493,10 @@ class Catalog(Mapping[str, VDisk]):
             if current is not old.get(name) or current in touched:
                 self._notify(name, current)
 
+    async def _in_background(self, work: Callable[[], _T]) -> _T:
+        """Blocking file work of a pass, in the catalog's executor (never the serving one)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
     def _current(self, vdisk: VDisk) -> bool:
         return vdisk.store.vdisks.get(vdisk.name) is vdisk
 
@@ -518,7 +530,9 @@ class Catalog(Mapping[str, VDisk]):
         repair = private and locks.read_owner(path) is None
         loaded: ManifestFile | None
         try:
-            loaded = await asyncio.to_thread(load_manifest, path, repair=repair, shared=shared)
+            loaded = await self._in_background(
+                functools.partial(load_manifest, path, repair=repair, shared=shared)
+            )
         except FileNotFoundError:
             loaded = await self._adopt(vdisk, log)
         except ManifestError as error:
@@ -562,6 +576,7 @@ class Catalog(Mapping[str, VDisk]):
         verdict = await verify_image(
             path, manifest, log=log, progress_interval=self._progress_interval,
             progress=vdisk.progress, threads=self._threads, shared=shared,
+            executor=self._executor,
         )
         if not self._current(vdisk) or vdisk.manifest is not manifest:
             return
@@ -586,7 +601,7 @@ class Catalog(Mapping[str, VDisk]):
         manifest, key = await build_manifest_keyed(
             vdisk.path, vdisk.properties.version, None, DEFAULT_BLOCK_SIZE, log=log,
             progress_interval=self._progress_interval, threads=self._threads,
-            shared=vdisk.store.shared,
+            shared=vdisk.store.shared, executor=self._executor,
         )
         if not self._current(vdisk) or key != vdisk.stat:
             return None
@@ -595,7 +610,9 @@ class Catalog(Mapping[str, VDisk]):
         except FileExistsError:
             log.info("manifest_arrived", hint="a manifest was copied in while one was being "
                      "made from the image: the copied one is used")
-            return await asyncio.to_thread(load_manifest, vdisk.path, shared=vdisk.store.shared)
+            return await self._in_background(
+                functools.partial(load_manifest, vdisk.path, shared=vdisk.store.shared)
+            )
         write_verified(vdisk.path, Verified(key, node_digest(manifest.levels[-1])), log=log)
         log.warning(
             "manifest_adopted", identity=manifest.identity.short, path=str(vdisk.path),
@@ -603,7 +620,9 @@ class Catalog(Mapping[str, VDisk]):
             "versions with 'pvsctl vdisk create/import/manifest' so every replica carries the "
             "manifest of the version, and damage is told apart from a new version",
         )
-        return await asyncio.to_thread(load_manifest, vdisk.path, shared=vdisk.store.shared)
+        return await self._in_background(
+            functools.partial(load_manifest, vdisk.path, shared=vdisk.store.shared)
+        )
 
     def _publish(
         self, vdisk: VDisk, manifest: ManifestFile, log: FilteringBoundLogger
@@ -644,8 +663,8 @@ class Catalog(Mapping[str, VDisk]):
                             hint="the target reported a block past the end of the vDisk")
                 return
             start, length = manifest.shape.block_range(block)
-            data = await asyncio.to_thread(os.pread, image.fd, length, start)
-            expected = await asyncio.to_thread(manifest.leaves, block, 1)
+            data = await self._in_background(functools.partial(os.pread, image.fd, length, start))
+            expected = await self._in_background(functools.partial(manifest.leaves, block, 1))
             if leaf_digest(data) == expected:
                 log.warning(
                     "damage_report_not_confirmed", offset=start,
@@ -660,6 +679,7 @@ class Catalog(Mapping[str, VDisk]):
             verdict = await verify_image(
                 vdisk.path, manifest, log=log, progress_interval=self._progress_interval,
                 progress=vdisk.progress, threads=self._threads, shared=vdisk.store.shared,
+                executor=self._executor,
             )
             found = self._damage_of(vdisk, manifest)
             if found is not None:
@@ -707,7 +727,7 @@ class Catalog(Mapping[str, VDisk]):
             verdict = await verify_image(
                 vdisk.path, manifest, log=log, progress_interval=self._progress_interval,
                 rate=self.scrub_rate, progress=vdisk.progress, on_bad=withdraw, direct=True,
-                shared=vdisk.store.shared, what="scrub",
+                shared=vdisk.store.shared, what="scrub", executor=self._executor,
             )
         except ImageChanged:
             log.info("scrub_skipped", reason="the image changed while it was read")
