@@ -313,6 +313,10 @@ class Connection:
                 self._login_pending = False
                 if isinstance(event, ev.LoginOk):
                     self.phase = Phase.STREAMING
+                    if ev.LoginFlag.READ_ONLY in event.flags:
+                        # the target checks every block against the manifest: a CRC would
+                        # only cost both sides (docs/protocol.md, Negotiation)
+                        self.checksum = ev.Checksum.NONE
                 elif isinstance(event, ev.Redirect):
                     self.phase = Phase.CLOSED
             case ev.Error():

@@ -27,6 +27,11 @@ LOGIN_OK = ev.LoginOk(
     session_id=7, identity=IDENTITY, block_size=4096, mode=1, flags=ev.LoginFlag.READ_ONLY,
     server_name="pvs-a", server_address="10.0.0.1:6910",
 )
+WRITABLE_LOGIN_OK = ev.LoginOk(
+    session_id=8, identity=IDENTITY, block_size=4096, mode=2, flags=ev.LoginFlag(0),
+    server_name="pvs-a", server_address="10.0.0.1:6910",
+)
+"""A Private Image session: the one kind whose READ_DATA keeps the CRC agreed in HELLO."""
 
 
 def normalize(event: ev.Event | ev.NeedData) -> ev.Event | ev.NeedData:
@@ -116,7 +121,7 @@ class ConnectionPair:
 
 def pair_in(
     phase: Phase, *, hello: ev.Hello = HELLO, max_request: int = MAX_REQUEST,
-    max_in_flight: int = MAX_IN_FLIGHT, checksum: bool = True,
+    max_in_flight: int = MAX_IN_FLIGHT, checksum: bool = True, login_ok: ev.LoginOk = LOGIN_OK,
 ) -> ConnectionPair:
     """A pair that has completed the handshake up to ``phase`` (HELLO, LOGIN or STREAMING).
 
@@ -126,5 +131,5 @@ def pair_in(
     if phase in (Phase.LOGIN, Phase.STREAMING):
         pair.hello(hello, max_request=max_request, max_in_flight=max_in_flight, checksum=checksum)
     if phase is Phase.STREAMING:
-        pair.login()
+        pair.login(login_ok=login_ok)
     return pair

@@ -212,7 +212,8 @@ async def test_login_reports_the_stream_and_reads() -> None:
         assert session.server_name == "pvs1"
         assert session.connected_to == session.login_server == session.server_address
         assert not session.redirected
-        assert session.connection.checksum is ev.Checksum.CRC32
+        # CRC32 was agreed, but a read-only session's blocks are checked against the manifest
+        assert session.connection.checksum is ev.Checksum.NONE
         assert session.max_request == 128 * 1024  # the server's limit is below our wish
         assert await session.connection.read(1000, 4096) == CONTENT[1000:5096]
 
@@ -444,7 +445,10 @@ async def test_corrupted_data_ends_the_connection_with_goodbye() -> None:
         header = wire.header(wire.FrameType.READ_DATA, len(payload), event.request_id)
         peer.writer.write(header + payload)
 
-    server = ScriptedServer(script=corrupt)
+    def private(login: ev.Login) -> ev.Event:  # read-only sessions carry no CRC
+        return ev.LoginOk(42, IDENTITY, 4096, 2, ev.LoginFlag(0), "pvs1", "x:1")
+
+    server = ScriptedServer(script=corrupt, login_reply=private)
     async with asyncio.timeout(TIMEOUT), session_with(server) as session:
         with pytest.raises(ConnectionLost, match="checksum mismatch") as raised:
             await session.connection.read(0, 100)

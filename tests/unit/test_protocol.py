@@ -19,6 +19,7 @@ from protocol_helpers import (
     LOGIN,
     LOGIN_OK,
     MAX_REQUEST,
+    WRITABLE_LOGIN_OK,
     ConnectionPair,
     drain,
     encode,
@@ -450,8 +451,27 @@ def _read_data_frame(request_id: int, data: bytes, crc: int) -> bytes:
     return frame(FrameType.READ_DATA, crc.to_bytes(4, "big") + data, request_id=request_id)
 
 
+def test_a_read_only_session_carries_no_checksum() -> None:
+    """The target checks every block of a read-only session against the manifest: from
+    LOGIN_OK with READ_ONLY on, both sides use NONE whatever HELLO agreed."""
+    pair = pair_in(Phase.LOGIN)
+    assert pair.client.checksum is pair.server.checksum is ev.Checksum.CRC32
+    pair.exchange(C, LOGIN)
+    pair.exchange(S, ev.LoginOk(1, IDENTITY, 512, 1, ev.LoginFlag.READ_ONLY, "s", "a"))
+    assert pair.client.checksum is pair.server.checksum is ev.Checksum.NONE
+    pair.exchange(C, ev.Read(1, 0, 9))
+    assert pair.exchange(S, ev.ReadData(1, b"123456789")) == ev.ReadData(1, b"123456789")
+
+
+def test_a_writable_session_keeps_its_checksum() -> None:
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, LOGIN)
+    pair.exchange(S, ev.LoginOk(1, IDENTITY, 512, 2, ev.LoginFlag(0), "s", "a"))
+    assert pair.client.checksum is pair.server.checksum is ev.Checksum.CRC32
+
+
 def test_checksum_mismatch_is_a_remote_error() -> None:
-    pair = pair_in(Phase.STREAMING)
+    pair = pair_in(Phase.STREAMING, login_ok=WRITABLE_LOGIN_OK)
     assert pair.client.checksum is ev.Checksum.CRC32
     pair.client.send(ev.Read(1, 0, 4))
     good = zlib.crc32(b"data")
@@ -464,7 +484,7 @@ def test_checksum_mismatch_is_a_remote_error() -> None:
 
 
 def test_checksum_mismatch_in_the_checksum_field_itself() -> None:
-    pair = pair_in(Phase.STREAMING)
+    pair = pair_in(Phase.STREAMING, login_ok=WRITABLE_LOGIN_OK)
     pair.client.send(ev.Read(1, 0, 4))
     bad = zlib.crc32(b"data") ^ 0x80000000
     refused_on_receive(pair.client, _read_data_frame(1, b"data", bad), ErrorCode.CHECKSUM)

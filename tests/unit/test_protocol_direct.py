@@ -13,7 +13,7 @@ import zlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from protocol_helpers import drain, encode, pair_in
+from protocol_helpers import WRITABLE_LOGIN_OK, drain, encode, pair_in
 
 from pvs_protocol import events as ev
 from pvs_protocol import wire
@@ -27,7 +27,7 @@ HELLO = ev.Hello(2, 2, SIZE, frozenset({ev.Checksum.CRC32}), "pvs-target/test")
 
 def streaming_client(*lengths: int) -> Connection:
     """A client in STREAMING with one READ in flight per length (ids 1, 2...)."""
-    pair = pair_in(Phase.STREAMING, hello=HELLO, max_request=SIZE)
+    pair = pair_in(Phase.STREAMING, hello=HELLO, max_request=SIZE, login_ok=WRITABLE_LOGIN_OK)
     for request_id, length in enumerate(lengths, start=1):
         pair.client.send(ev.Read(request_id, 0, length))
     return pair.client
