@@ -283,6 +283,8 @@ class VDiskStream:
         def counted(result: Reply | ClientError) -> None:
             if not isinstance(result, BaseException):
                 self.bytes_read += length
+            else:
+                self.retried += 1  # the export sends it again with ``read``
             done(result)
 
         if not session.connection.read_now(offset, length, counted):
@@ -306,6 +308,7 @@ class VDiskStream:
 
         def checked(result: Reply | ClientError) -> None:
             if isinstance(result, BaseException):
+                self.retried += 1  # the export sends it again with ``read``
                 done(result)
                 return
             assert isinstance(result, bytes | bytearray)  # READ_DATA, decoded by the protocol
@@ -313,6 +316,7 @@ class VDiskStream:
                 data = verification.accept(connection, start, result, offset, length)
             except BlockMismatch as error:
                 self._mismatch(session, error)
+                self.retried += 1
                 done(error)  # the export reads it again with ``read``, on the next server
                 return
             except DigestsUnknown as error:
@@ -387,12 +391,14 @@ class VDiskStream:
         retried = False
         while True:
             session = await self._current()
+            sent = self._loop.time()
             try:
                 result = await request(session)
             except ServerError as error:
                 if not error.retryable:
                     raise
-                self._lost(session, f"server error {error.code.name}: {error.message}")
+                self._lost(session, f"server error {error.code.name}: {error.message}",
+                           since=sent)
             except ConnectionLost as error:
                 self._lost(session, str(error))
             except BlockMismatch as error:
@@ -439,12 +445,14 @@ class VDiskStream:
                 return key
         return None
 
-    def _lost(self, session: Session, reason: str, *, drop: bool = False) -> None:
+    def _lost(
+        self, session: Session, reason: str, *, drop: bool = False, since: float | None = None
+    ) -> None:
         key = self._key_of(session)
         if key is None:
             return
         self._carry_out(self.core.lost(
-            self._loop.time(), key, reason, drop=drop,
+            self._loop.time(), key, reason, drop=drop, since=since,
             in_flight=session.connection.in_flight or session.connection.in_flight_at_failure,
         ))
 

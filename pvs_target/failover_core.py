@@ -405,9 +405,11 @@ class FailoverCore:
 
     def lost(
         self, now: float, session: int, reason: str, *, in_flight: int | None = None,
-        drop: bool = False,
+        drop: bool = False, since: float | None = None,
     ) -> list[Action]:
-        """``session`` ended or misbehaved; ``drop``: it sent data that fails the manifest."""
+        """``session`` ended or misbehaved; ``drop``: it sent data that fails the manifest;
+        ``since``: when the request that failed was sent (a server that answered it with an
+        error after stalling was failing us from then on, and ``took`` counts from there)."""
         if drop:
             self.drop(session, reason)
         live = self.current
@@ -415,7 +417,8 @@ class FailoverCore:
             return []  # an old session ending after its replacement: nothing is lost
         if in_flight is not None:
             live.in_flight = in_flight
-        return self._lose(now, live, reason, detected_after=0.0)
+        detected_after = max(0.0, now - since) if since is not None else 0.0
+        return self._lose(now, live, reason, detected_after=detected_after)
 
     def tick(self, now: float) -> list[Action]:
         settings = self.settings
