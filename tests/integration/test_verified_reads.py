@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from pvs_protocol import events as ev
+from pvs_protocol import wire
 from pvs_protocol.connection import Connection, Role, negotiate
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.manifest import Manifest, hash_blocks
@@ -79,7 +80,12 @@ class FakeServer:
                         self.changed.notify_all()
                     reply = self._answer(event)
                     if reply is not None:
-                        writer.writelines(connection.send_buffers(reply))
+                        buffers = connection.send_buffers(reply)
+                        if self.checksum and isinstance(reply, ev.ReadData):
+                            # a valid CRC-32 over what it sends, wrong bytes included (the
+                            # target ignores the field of a read-only session: no help)
+                            buffers = wire.encode(reply, ev.Checksum.CRC32)
+                        writer.writelines(buffers)
         except (ConnectionError, ProtocolError):
             pass
         finally:
@@ -161,9 +167,8 @@ async def test_wrong_bytes_are_never_delivered_and_the_target_fails_over(checksu
         stream_from(bad, good) as stream,
     ):
         assert stream.session is not None and stream.session.server_name == "bad"
-        assert stream.session.connection.checksum is (
-            ev.Checksum.CRC32 if checksum else ev.Checksum.NONE
-        )
+        # read-only: from LOGIN_OK on, no checksum whatever HELLO agreed; the manifest decides
+        assert stream.session.connection.checksum is ev.Checksum.NONE
         data = await stream.read(0, len(IMAGE))
         assert data == IMAGE
         await assert_told_and_dropped(bad, good, stream)
