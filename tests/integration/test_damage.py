@@ -97,6 +97,8 @@ async def test_scrub_finds_a_corrupted_idle_copy(tmp_path: Path) -> None:
         await server.until_log("scrub_clean", timeout=20, vdisk="disk")
         corrupt(tmp_path / "store1" / "disk.img", restore_mtime=True, offset=SIZE - 3)
         await server.until_log("replica_damaged", timeout=20, vdisk="disk", found_by="scrub")
+        # the first report comes at the first mismatch; the count follows the whole pass
+        await server.until_log("replica_damaged", timeout=20, vdisk="disk", complete=True)
         [record] = server.find_logs("replica_damaged", vdisk="disk", complete=True)
         assert record["first_bad_offset"] == SIZE - BLOCK and record["bad_blocks"] == 1
         with pytest.raises(Exception, match=r"damaged|NO_IDENTICAL_REPLICA|no replica"):

@@ -251,7 +251,10 @@ async def test_changed_standard_image_is_damaged_and_never_served_until_remedied
     make_vdisk(store, "live", MIB, seed=11)
     path = image_path(store, "live")
     original = path.read_bytes()
-    server = pvsd_factory("pvs1", store, vdisks=["live"], args=["--watch-interval", "0.1"])
+    # scrub off: this is about the watcher, which must notice the change by itself
+    server = pvsd_factory(
+        "pvs1", store, vdisks=["live"], args=["--watch-interval", "0.1", "--scrub-rate", "0"]
+    )
 
     async with logged_in(server.address, "live", "early-bird") as old:
         assert await old.connection.read(0, 8192) == original[:8192]
@@ -346,7 +349,10 @@ async def test_touched_standard_image_keeps_its_identity_until_a_new_version(
     store = tmp_path / "store"
     make_vdisk(store, "live", MIB, seed=11)
     original = image_path(store, "live").read_bytes()
-    server = pvsd_factory("pvs1", store, vdisks=["live"], args=["--watch-interval", "0.1"])
+    # scrub off: this is about the watcher, which must notice the change by itself
+    server = pvsd_factory(
+        "pvs1", store, vdisks=["live"], args=["--watch-interval", "0.1", "--scrub-rate", "0"]
+    )
 
     async with logged_in(server.address, "live", "early-bird") as old:
         assert await old.connection.read(0, 8192) == original[:8192]
