@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import itertools
 import json
 import os
 import random
@@ -50,6 +49,8 @@ from typing import Any
 from procs import Child, Children, Site, children, free_port, link_store, start_attach, until
 from stream import MIB, _run, machine, make_store, parse_size, python_environment, revision
 
+from pvs_target.nbd.client import NbdClient, NbdFailed
+
 HERE = Path(__file__).resolve().parent
 HOSTS = ("127.0.0.41", "127.0.0.42", "127.0.0.43")
 FAKE_HOST = "127.0.0.44"
@@ -66,93 +67,6 @@ MAX_READS = 500_000
 
 
 # -- the outside NBD reader -------------------------------------------------------------------
-
-
-class NbdFailed(Exception):
-    """The export answered a read with an error, or the connection ended."""
-
-
-class NbdClient:
-    """A minimal NBD client (fixed newstyle, NBD_OPT_GO, simple replies, READ only), with the
-    byte layouts of ``pvs_target.nbd.wire``; each read's wait is taken when its reply is
-    decoded, so the reader's own scheduling afterwards does not count."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self._handles = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[tuple[int, bytes, float]], int]] = {}
-        self._receiver = asyncio.create_task(self._receive())
-
-    @classmethod
-    async def connect(cls, path: Path, timeout: float = 10.0) -> NbdClient:
-        from pvs_target.nbd import wire as nbd
-
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            magic, option_magic, flags = nbd.GREETING.unpack(
-                await reader.readexactly(nbd.GREETING.size)
-            )
-            if (magic, option_magic) != (nbd.NBDMAGIC, nbd.IHAVEOPT):
-                raise NbdFailed("not an NBD server")
-            writer.write(nbd.CLIENT_FLAGS.pack(
-                nbd.ClientFlag.FIXED_NEWSTYLE | (flags & nbd.ClientFlag.NO_ZEROES)
-            ))
-            request = nbd.U32.pack(0) + nbd.U16.pack(0)  # the default export, no info asked
-            writer.write(nbd.OPTION_HEADER.pack(nbd.IHAVEOPT, nbd.Option.GO, len(request))
-                         + request)
-            for _ in range(64):
-                _, _, kind, length = nbd.OPTION_REPLY.unpack(
-                    await reader.readexactly(nbd.OPTION_REPLY.size)
-                )
-                payload = await reader.readexactly(length)
-                if kind == nbd.Reply.ACK:
-                    return cls(reader, writer)
-                if kind != nbd.Reply.INFO:
-                    raise NbdFailed(f"NBD_OPT_GO refused: reply {kind:#x} {payload!r}")
-        raise NbdFailed("no ACK to NBD_OPT_GO")
-
-    async def read(self, offset: int, length: int) -> tuple[bytes, float]:
-        from pvs_target.nbd import wire as nbd
-
-        loop = asyncio.get_running_loop()
-        handle = next(self._handles)
-        future: asyncio.Future[tuple[int, bytes, float]] = loop.create_future()
-        self._waiting[handle] = (future, length)
-        started = loop.time()
-        self.writer.write(nbd.REQUEST.pack(
-            nbd.REQUEST_MAGIC, 0, nbd.CommandKind.READ, handle, offset, length
-        ))
-        error, data, ended = await future
-        if error:
-            raise NbdFailed(f"NBD error {error} after {ended - started:.3f} s")
-        return data, ended - started
-
-    async def _receive(self) -> None:
-        from pvs_target.nbd import wire as nbd
-
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                magic, error, handle = nbd.SIMPLE_REPLY.unpack(
-                    await self.reader.readexactly(nbd.SIMPLE_REPLY.size)
-                )
-                if magic != nbd.SIMPLE_REPLY_MAGIC:
-                    raise ConnectionError(f"bad reply magic {magic:#x}")
-                future, length = self._waiting.pop(handle)
-                data = b"" if error else await self.reader.readexactly(length)
-                if not future.done():
-                    future.set_result((error, data, loop.time()))
-        except (asyncio.IncompleteReadError, ConnectionError, KeyError) as failure:
-            for future, _ in self._waiting.values():
-                if not future.done():
-                    future.set_exception(NbdFailed(f"NBD connection ended: {failure!r}"))
-            self._waiting.clear()
-
-    async def close(self) -> None:
-        self._receiver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._receiver
-        self.writer.close()
 
 
 @dataclass
