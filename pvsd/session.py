@@ -13,9 +13,10 @@ dropped: a store that does not answer (a hung disk, an NFS share gone) sends its
 elsewhere instead of holding them (see `pvsd.stalls`).
 
 Replies are copied from the page cache into a buffer and written with ``writelines``, not sent
-with ``sendfile``: every reply carries a CRC-32 of its data, which needs the bytes in memory
-anyway; uvloop has no ``loop.sendfile``; and on this machine one loopback stream carried
-2.5 GB/s with ``os.sendfile`` against 4.6 GB/s with a plain send (docs/benchmarks.md).
+with ``sendfile``, although a read-only session's replies carry no CRC-32 any more (its target
+checks every block against the manifest): uvloop has no ``loop.sendfile``, and on this machine
+one loopback stream carried 2,180 MB/s with ``os.sendfile`` against 4,095 MB/s with read and
+send, at more sender CPU per GiB (``bench/sendfile.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
