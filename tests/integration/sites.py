@@ -128,7 +128,7 @@ async def until(predicate: Callable[[], object], timeout: float, what: str) -> N
 
 @contextlib.contextmanager
 def private_site(
-    workdir: Path, *, size: int = 4 * MIB, config: str = ""
+    workdir: Path, *, size: int = 4 * MIB, config: str = "", peer_timeout: float = 1.5
 ) -> Iterator[tuple[Path, list[Pvsd]]]:
     """Two servers over one shared store holding Private Image vDisk ``priv``; ``config``
     is extra pvsd TOML (e.g. a shorter inventory interval)."""
@@ -145,7 +145,8 @@ def private_site(
     for server in servers:
         other = next(s for s in servers if s is not server)
         server.args = [*options, "--shared-store", str(shared), "--key-file", str(key),
-                       "--peer", other.address, "--peer-timeout", "1.5", "--admin", "off"]
+                       "--peer", other.address, "--peer-timeout", str(peer_timeout),
+                       "--admin", "off"]
     try:
         for server in servers:
             server.start(vdisks=["priv"])

@@ -33,7 +33,7 @@ from harness import (
     random_bytes,
     read_whole,
 )
-from sites import Site, keygen, pvsctl
+from sites import Site, keygen, private_site
 
 from pvs_protocol import events as ev
 from pvs_protocol.errors import ErrorCode
@@ -421,34 +421,12 @@ async def test_a_streaming_target_learns_of_a_server_started_after_its_login(
 # -- Private Image lock hand-over -------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def private_pair(workdir: Path, peer_timeout: float) -> Iterator[tuple[Path, list[Pvsd]]]:
+def private_pair(workdir: Path, peer_timeout: float) -> contextlib.AbstractContextManager[
+    tuple[Path, list[Pvsd]]
+]:
     """Two servers over one shared store holding Private Image ``priv``, with a peer timeout
     long enough that a take-over before it cannot be the site's verdict."""
-    shared = workdir / "shared"
-    make_vdisk(shared, "priv", 4 * MIB, seed=3)
-    pvsctl("vdisk", "set", "priv", "--store", str(shared), "--mode", "private")
-    key = workdir / "site.key"
-    key.write_text(keygen())
-    servers = [Pvsd(f"p{i}", [], workdir) for i in (1, 2)]
-    for server in servers:
-        other = next(s for s in servers if s is not server)
-        server.args = ["--shared-store", str(shared), "--key-file", str(key),
-                       "--peer", other.address, "--peer-timeout", str(peer_timeout),
-                       "--admin", "off"]
-    try:
-        for server in servers:
-            server.start(vdisks=["priv"])
-        for server in servers:
-            other = next(s for s in servers if s is not server)
-            server.wait_for_log("peer_inventory", peer=other.name)
-        yield shared, servers
-    finally:
-        for server in servers:
-            try:
-                server.stop()
-            finally:
-                server.kill()
+    return private_site(workdir, peer_timeout=peer_timeout)
 
 
 async def test_a_crashed_writers_lock_is_taken_over_before_the_peer_timeout(
