@@ -285,6 +285,12 @@ class StreamConnection(asyncio.BufferedProtocol):
     def is_open(self) -> bool:
         return self._failure is None and self._transport is not None
 
+    @property
+    def is_closing(self) -> bool:
+        """Its transport is not closed yet (an ended connection may still be sending the last
+        frames it was given)."""
+        return self._transport is not None and not self._closed.is_set()
+
     # -- handshake --------------------------------------------------------------------------
 
     async def hello(self, *, max_request: int = 1 << 20, checksum: bool = True) -> ev.HelloReply:
@@ -520,13 +526,15 @@ class StreamConnection(asyncio.BufferedProtocol):
         )
         await self.wait_closed()
 
-    def abort(self) -> None:
+    def abort(self, *, force: bool = False) -> None:
         """Drop the connection at once, without GOODBYE. On a connection already ended
         (``end``, a protocol breach) it leaves the closing transport alone, so that the
-        GOODBYE or DAMAGED report it still holds is sent."""
-        if self._failure is not None:
+        GOODBYE or DAMAGED report it still holds is sent, unless ``force`` (its owner is
+        shutting down and has waited long enough)."""
+        if self._failure is None:
+            self._fail(ConnectionLost(f"connection to {self.server} was aborted by the target"))
+        elif not force:
             return
-        self._fail(ConnectionLost(f"connection to {self.server} was aborted by the target"))
         if self._transport is not None:
             self._transport.abort()
 

@@ -55,6 +55,8 @@ from pvs_target.login import LoginError, Session, login
 from pvs_target.verify import BlockMismatch, DigestsUnknown, ReadVerifier
 
 T = TypeVar("T")
+LEAVE_TIMEOUT = 1.0
+"""How long ``close`` lets connections it gave up finish sending before it drops them."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -161,6 +163,9 @@ class VDiskStream:
         self.longest_wait_ms = 0.0
         self._sessions: dict[int, Session] = {}
         """Every session alive by key: the current one, and old ones draining."""
+        self._leaving: set[Session] = set()
+        """Sessions given up whose connection has not closed yet (``StreamConnection.end``
+        lets a DAMAGED report and GOODBYE out first): ``close`` must not leave them open."""
         self._keys = itertools.count(1)
         self._ready = asyncio.Event()
         """Set while requests can proceed: a session is current, or we gave up (they fail)."""
@@ -195,6 +200,12 @@ class VDiskStream:
             await session.close()
         self._sessions.clear()
         self.session = None
+        for session in list(self._leaving):  # ended ones still sending their last words
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEAVE_TIMEOUT):
+                    await session.connection.wait_closed()
+            session.connection.abort(force=True)
+        self._leaving.clear()
 
     async def _supervise(self) -> None:
         """Owner of every task of the stream: logins and drains run in its TaskGroup, and it
@@ -596,6 +607,8 @@ class VDiskStream:
             self.session = None
             self._ready.clear()
         session.connection.abort()  # every request still on it fails now and is retried
+        if session.connection.is_closing:
+            self._leaving.add(session)  # an ended one may still be sending DAMAGED, GOODBYE
 
     async def _drain(self, key: int, old: Session, until: float) -> None:
         """Let the old session answer what it was asked, until its deadline, then leave it."""
