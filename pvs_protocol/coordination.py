@@ -17,11 +17,12 @@ import struct
 from typing import Any
 
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
-from pvs_protocol.modes import Mode, SubnetAffinity
+from pvs_protocol.modes import Mode, SubnetAffinity, VersionState
 
 MAGIC = b"PVSC"
-VERSION = 2
-"""2: identities carry the manifest block size; entries may say a replica is damaged."""
+VERSION = 3
+"""2: identities carry the manifest block size; entries may say a replica is damaged.
+3: one entry per version of a vDisk, with the version's number and state."""
 MAC_SIZE = 32
 MAX_DATAGRAM = 1400
 """Below a typical Ethernet MTU: a datagram is never fragmented on the way."""
@@ -32,11 +33,12 @@ receiver restarts and has forgotten the sequence numbers it saw)."""
 _ENVELOPE = struct.Struct(">4sBBQQQ")  # magic, version, type, epoch, seq, timestamp ms
 _HEARTBEAT = struct.Struct(">BIIQIHH")
 _INVENTORY = struct.Struct(">IHH")
-_ENTRY = struct.Struct(">BBB")
+_ENTRY = struct.Struct(">BBBIB")  # mode, affinity, flags, version, state
 _IDENTITY = struct.Struct(f">IQQI{DIGEST_SIZE}s")
 _DAMAGE = struct.Struct(">QI")
 _MODE_CODES = frozenset(m.code for m in Mode)
 _AFFINITY_CODES = frozenset(a.code for a in SubnetAffinity)
+_STATE_CODES = frozenset(s.code for s in VersionState)
 
 
 class CoordinationError(Exception):
@@ -88,10 +90,18 @@ class ReplicaEntry:
     is never a candidate, whatever its identity says."""
     bad_blocks: int = 0
     """Blocks known not to match (a lower bound until a full check has run)."""
+    version: int = 0
+    """Which version of the vDisk this copy is (known before its identity is)."""
+    state: int = VersionState.production.code
+    """The version's `VersionState` code, as this server's properties say."""
 
     @property
     def damaged(self) -> bool:
         return self.damaged_at >= 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.vdisk, self.version
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -185,7 +195,8 @@ def _encode_entry(entry: ReplicaEntry) -> bytes:
         | (8 if entry.identity is not None else 0)
         | (16 if entry.damaged else 0)
     )
-    out = _ENTRY.pack(entry.mode, entry.affinity, flags) + _str(entry.vdisk)
+    out = _ENTRY.pack(entry.mode, entry.affinity, flags, entry.version, entry.state)
+    out += _str(entry.vdisk)
     out += _str(entry.fixed_server)
     if entry.identity is not None:
         i = entry.identity
@@ -270,9 +281,11 @@ def _decode_inventory(c: _Cursor) -> InventoryChunk:
         raise CoordinationError("malformed", f"chunk {index} of {count}")
     entries = []
     for _ in range(c.take(1)[0]):
-        mode, affinity, flags = c.unpack(_ENTRY)
+        mode, affinity, flags, version, state = c.unpack(_ENTRY)
         if mode not in _MODE_CODES or affinity not in _AFFINITY_CODES:
             raise CoordinationError("malformed", f"unknown mode {mode} or affinity {affinity}")
+        if state not in _STATE_CODES:
+            raise CoordinationError("malformed", f"unknown version state {state}")
         vdisk, fixed = c.string(), c.string()
         identity = None
         if flags & 8:
@@ -282,7 +295,7 @@ def _decode_inventory(c: _Cursor) -> InventoryChunk:
         entries.append(
             ReplicaEntry(
                 vdisk, mode, bool(flags & 1), bool(flags & 2), affinity, fixed, bool(flags & 4),
-                identity, damaged_at, bad_blocks,
+                identity, damaged_at, bad_blocks, version, state,
             )
         )
     return InventoryChunk(name, generation, index, count, tuple(entries))

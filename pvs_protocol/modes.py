@@ -1,4 +1,4 @@
-"""vDisk access modes and subnet affinity, as text for the properties file and as wire codes.
+"""vDisk modes, subnet affinity and version states: as text for the properties file, as wire codes.
 
 They live in the protocol package so that both ends can encode them without importing pvsd.
 The text values are what an administrator writes; the codes are what travels, and both are
@@ -45,11 +45,43 @@ class SubnetAffinity(enum.StrEnum):
         return _lookup(cls, _AFFINITY_CODES, code)
 
 
+class VersionState(enum.StrEnum):
+    """Where a version of a vDisk is in its life: written, tried, then given to everyone.
+
+    Ordered: a version only moves up (`promote`), and the least released state wins when
+    servers disagree (a version is production only where every holder says so)."""
+
+    maintenance = "maintenance"
+    """Being written by the one maintenance device; no other target gets it."""
+    test = "test"
+    """Read-only; only test devices get it."""
+    production = "production"
+    """Read-only; every target may get it once every serving server holds it."""
+
+    @property
+    def code(self) -> int:
+        return _STATE_CODES[self]
+
+    @property
+    def rank(self) -> int:
+        return _STATE_CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> VersionState:
+        return _lookup(cls, _STATE_CODES, code)
+
+
 _MODE_CODES: dict[Mode, int] = {Mode.standard: 1, Mode.private: 2}
 _AFFINITY_CODES: dict[SubnetAffinity, int] = {
     SubnetAffinity.none: 0,
     SubnetAffinity.best_effort: 1,
     SubnetAffinity.fixed: 2,
+}
+
+_STATE_CODES: dict[VersionState, int] = {
+    VersionState.maintenance: 1,
+    VersionState.test: 2,
+    VersionState.production: 3,
 }
 
 

@@ -13,6 +13,8 @@ from pvsd import config as config_module
 from pvsd import locks
 from pvsd.admin import AdminServer
 from pvsd.logs import configure
+from pvsd.rebalancing import Rebalancer
+from pvsd.replicator import Replicator
 from pvsd.server import StreamServer
 from pvsd.site import Site
 from pvsd.store import Catalog, Store
@@ -54,6 +56,13 @@ async def _serve(config: config_module.Config, catalog: Catalog, server: StreamS
             background.append(group.create_task(site.run()))
             background.append(group.create_task(server.send_site_updates()))
         admin = AdminServer(config, server)
+        if config.site_key:  # copies from other servers come over their admin API
+            admin.replication.replicator = replicator = Replicator(config, server)
+            background.append(group.create_task(replicator.run(), name="replicator"))
+        if server.site is not None:  # moves targets from busy servers (pvsd.rebalancing)
+            admin.rebalance.rebalancer = rebalancer = Rebalancer(config, server)
+            server.site.on_peer_up.append(rebalancer.peer_up)
+            background.append(group.create_task(rebalancer.run(), name="rebalancer"))
         if config.admin_host:
             await admin.start()
         await stop.wait()

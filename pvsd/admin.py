@@ -28,13 +28,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from yarl import URL
 
+from pvs_protocol import coordination as co
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity
 from pvsd import admin_auth
+from pvsd.admin_common import ApiError, vdisk_name
+from pvsd.admin_rebalance import RebalanceApi
+from pvsd.admin_replication import ReplicationApi
+from pvsd.admin_versions import VersionsApi
 from pvsd.config import Config, ConfigError, format_address, parse_address
 from pvsd.manifest import manifest_path, write_manifest
-from pvsd.names import InvalidName, validate_name
 from pvsd.properties import (
     PropertiesError,
     VDiskProperties,
@@ -46,6 +50,7 @@ from pvsd.replication import Holder, replication_report
 from pvsd.server import StreamServer
 from pvsd.site import Peer
 from pvsd.store import VDisk
+from pvsd.versions import key_of
 
 log = structlog.get_logger("pvsd.admin")
 
@@ -54,25 +59,23 @@ PEER_TIMEOUT = 2.0
 MAX_BODY = 64 * 1024
 SETTABLE = (
     "mode", "maintenance", "load_balancing", "fixed_server", "subnet_affinity", "description",
-    "version",
+    "version", "test_devices", "maintenance_devices",
 )
+FORCE = "force"
+"""Sent with a change that would cut off streaming targets: do it anyway."""
 MANIFEST_TIME = "manifest_created_ns"
 """Sent along with a new version by the server that forwards it: the creation time of the
 re-stamped manifest, the same on every server."""
 JSON = dict[str, Any]
 
 
-class ApiError(Exception):
-    """A request we refuse; ``message`` tells the client what to do instead."""
+class PeerError(Exception):
+    """A peer's part of a site-wide request failed; the message names the peer and the cause.
+    ``status`` is the peer's HTTP status when it refused (0: it could not be reached)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-
-
-class PeerError(Exception):
-    """A peer's part of a site-wide request failed; the message names the peer and the cause."""
 
 
 class AdminServer:
@@ -87,6 +90,9 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._settings_lock = asyncio.Lock()
+        self.versions = VersionsApi(self)
+        self.replication = ReplicationApi(self)
+        self.rebalance = RebalanceApi(self)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -115,6 +121,9 @@ class AdminServer:
             web.post("/v1/local/vdisks/{name}/settings", self._local_settings),
             web.post("/v1/local/stop-stream", self._local_stream),
             web.post("/v1/local/start-stream", self._local_stream),
+            *self.versions.routes(),
+            *self.replication.routes(),
+            *self.rebalance.routes(),
         ])
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
@@ -224,10 +233,15 @@ class AdminServer:
                 local[name] = vdisks
             else:
                 errors.append({"server": name, "admin_address": address, "error": str(answer)})
-        report = replication_report(self._holders(local))
+        report = replication_report(self.holders(local))
         return web.json_response({"vdisks": report, "errors": errors})
 
     async def _targets(self, request: web.Request) -> web.Response:
+        targets, errors = await self.site_targets()
+        return web.json_response({"targets": targets, "errors": errors})
+
+    async def site_targets(self) -> tuple[list[JSON], list[JSON]]:
+        """Every streaming target of the site, and one error per server that did not say."""
         targets = self.local_targets()
         errors: list[JSON] = []
         answers = await self._fan_out("GET", "/v1/local/targets", None, PEER_TIMEOUT)
@@ -244,7 +258,7 @@ class AdminServer:
                     "error": f"{peer.name} is down (not heard for {_silent_for(peer):.0f} s)",
                 })
         targets.sort(key=lambda t: (str(t.get("server")), str(t.get("device_id"))))
-        return web.json_response({"targets": targets, "errors": errors})
+        return targets, errors
 
     async def _site(self, request: web.Request) -> web.Response:
         site = self.server.site
@@ -271,19 +285,32 @@ class AdminServer:
         })
 
     async def _settings(self, request: web.Request) -> web.Response:
-        name = _vdisk_name(request)
+        name = vdisk_name(request)
         body = await request.read()
         changes = parse_changes(body)
+        force = changes.pop(FORCE, False) is True
         if "version" in changes and MANIFEST_TIME not in changes:
             # One creation time for every server: copies that had one manifest get one new
             # manifest (the same root), not one each.
             changes[MANIFEST_TIME] = time.time_ns()
-            body = json.dumps(changes).encode()
+        body = json.dumps(changes).encode()
         base = self._known_properties(name)
         try:
             VDiskProperties.from_mapping(base.to_mapping() | _properties_part(changes))
         except PropertiesError as error:
             raise ApiError(400, f"cannot change vDisk {name}: {error}") from None
+        cuts = cuts_off(base, changes)
+        if cuts and not force:
+            targets, _errors = await self.site_targets()
+            users = [t for t in targets if t.get("vdisk") == name]
+            if users:
+                who = ", ".join(f"{t.get('device_id')} (on {t.get('server')})" for t in users[:8])
+                raise ApiError(
+                    409, f"changing {' and '.join(cuts)} of {name} would cut off "
+                    f"{len(users)} streaming target(s): {who}"
+                    + (f" and {len(users) - 8} more" if len(users) > 8 else "")
+                    + "; shut them down or move them first, or repeat with --force",
+                )
         fixed = changes.get("fixed_server")
         known = self._server_names()
         if isinstance(fixed, str) and fixed and fixed not in known:
@@ -292,11 +319,11 @@ class AdminServer:
                 f"{', '.join(sorted(known))}",
             )
         results: list[JSON] = []
-        if name in self.server.catalog:
+        if self.server.catalog.versions(name):
             try:
                 results.append(await self.apply_settings(name, changes))
             except ApiError as error:
-                results.append(self._result(False, error=error.message))
+                results.append(self.result(False, error=error.message))
         answers = await self._fan_out(
             "POST", f"/v1/local/vdisks/{name}/settings", body, PEER_TIMEOUT * 2
         )
@@ -309,7 +336,7 @@ class AdminServer:
                 results.append(answer)
         site = self.server.site
         for peer in site.peers.values() if site is not None else ():
-            if not peer.up and name in peer.inventory:
+            if not peer.up and _holds(peer, name):
                 results.append({
                     "server": peer.name, "ok": False, "held": True,
                     "error": f"{peer.name} is down: set it again once it is back, or it keeps "
@@ -355,10 +382,10 @@ class AdminServer:
         return web.json_response({"server": self.config.name, "vdisks": self.local_vdisks()})
 
     async def _local_settings(self, request: web.Request) -> web.Response:
-        name = _vdisk_name(request)
+        name = vdisk_name(request)
         changes = parse_changes(await request.read())
         if name not in self.server.catalog:
-            return web.json_response(self._result(True, held=False))
+            return web.json_response(self.result(True, held=False))
         return web.json_response(await self.apply_settings(name, changes))
 
     async def _local_stream(self, request: web.Request) -> web.Response:
@@ -381,9 +408,15 @@ class AdminServer:
 
     async def apply_settings(self, name: str, changes: JSON) -> JSON:
         """Save the changed settings beside our replica; the store watcher picks them up."""
-        vdisk = self.server.catalog.get(name)
-        if vdisk is None:
-            return self._result(True, held=False)
+        versions = self.server.catalog.versions(name)
+        if not versions:
+            return self.result(True, held=False)
+        vdisk = versions[max(versions)]
+        if "version" in changes and (len(versions) > 1 or vdisk.file_version is not None):
+            raise ApiError(
+                409, f"{name} on {self.config.name} has versions of its own (NAME@N.img): "
+                f"make a new one with 'pvsctl vdisk version new {name}' instead of renumbering",
+            )
         path = properties_path(vdisk.path)
         manifest: ReplicaIdentity | None = None
         async with self._settings_lock:
@@ -414,11 +447,22 @@ class AdminServer:
         if changed:
             log.info("vdisk_settings_saved", vdisk=name, path=str(path), changes=changes,
                      manifest=manifest.short if manifest is not None else None)
-        return self._result(
+            await self._in_force(name, updated)
+        return self.result(
             True, held=True, changed=changed, shared=vdisk.store.shared,
             properties=updated.to_mapping(),
             manifest=manifest.to_json() if manifest is not None else None,
         )
+
+    async def _in_force(self, name: str, updated: VDiskProperties) -> None:
+        """Wait (bounded) until the store watcher has read the saved file: once `vdisk set`
+        answers, the next login already follows the new settings."""
+        deadline = time.monotonic() + max(5.0, 5 * self.config.watch_interval)
+        while time.monotonic() < deadline:
+            versions = self.server.catalog.versions(name)
+            if not versions or all(v.properties == updated for v in versions.values()):
+                return
+            await asyncio.sleep(0.05)
 
     def _restamp(self, image: Path, version: int, created_ns: int) -> ReplicaIdentity | None:
         """A new version of the same bytes: the manifest's digests under a new version and
@@ -445,8 +489,63 @@ class AdminServer:
             ) from None
         return restamped.identity
 
-    def _result(self, ok: bool, **fields: Any) -> JSON:
+    def result(self, ok: bool, **fields: Any) -> JSON:
         return {"server": self.config.name, "ok": ok, **fields}
+
+    async def ask(
+        self, server: str, method: str, path: str, payload: JSON, timeout: float
+    ) -> JSON:
+        """One server's answer to a local request, ourselves included; its refusal becomes
+        ours (409 with its message), its silence a 502 naming it."""
+        body = json.dumps(payload).encode()
+        if server == self.config.name:
+            try:
+                return await self._self_request(method, path, body, timeout)
+            except PeerError as error:
+                status = error.status if 400 <= error.status < 500 else 502
+                raise ApiError(status, str(error)) from None
+        site = self.server.site
+        peer = site.peers.get(server) if site is not None else None
+        if peer is None or not peer.up:
+            raise ApiError(503, f"{server} is not up: it cannot be asked; check its pvsd")
+        try:
+            return await self._peer_request(peer, method, path, body, timeout)
+        except PeerError as error:
+            raise ApiError(error.status if 400 <= error.status < 500 else 502, str(error)) from None
+
+    async def everywhere(self, method: str, path: str, body: bytes, vdisk: str) -> list[JSON]:
+        """A local request on every up server, ourselves first; each down server that holds
+        ``vdisk`` is one failed result saying to repeat the change once it is back."""
+        results: list[JSON] = []
+        try:
+            results.append(await self._self_request(method, path, body, PEER_TIMEOUT * 2))
+        except PeerError as error:
+            results.append(self.result(False, error=str(error)))
+        for server, address, answer in await self._fan_out(method, path, body, PEER_TIMEOUT * 2):
+            if isinstance(answer, PeerError):
+                results.append(
+                    {"server": server, "admin_address": address, "ok": False, "error": str(answer)}
+                )
+            else:
+                results.append(answer)
+        site = self.server.site
+        for peer in site.peers.values() if site is not None else ():
+            if not peer.up and _holds(peer, vdisk):
+                results.append({
+                    "server": peer.name, "ok": False, "held": True,
+                    "error": f"{peer.name} is down: repeat this once it is back, or it keeps "
+                    "what it had",
+                })
+        return results
+
+    async def _self_request(self, method: str, path: str, body: bytes, timeout: float) -> JSON:
+        """Our own local endpoint, over HTTP like a peer's: one path for every server's part
+        of a change, with the same checks and the same answers."""
+        host, port = parse_address(self.address)
+        if _is_ip(host) and ipaddress.ip_address(host).is_unspecified:
+            host = "::1" if ":" in host else "127.0.0.1"
+        address = format_address(host, port)
+        return await self._request(self.config.name, address, method, path, body, timeout)
 
     def local_targets(self) -> list[JSON]:
         now = time.time()
@@ -457,6 +556,8 @@ class AdminServer:
             targets.append({
                 "device_id": session.device_id,
                 "vdisk": session.vdisk.name,
+                "version": session.vdisk.version,
+                "identity": session.identity.short if session.identity is not None else None,
                 "session": f"{session.session_id:016x}",
                 "address": session.peer,
                 "target_ip": session.peer_ip,
@@ -513,46 +614,51 @@ class AdminServer:
     def local_vdisks(self) -> dict[str, JSON]:
         """What only this server knows of its copies: damage detail and scrub progress."""
         return {
-            name: {"damage": damage_json(vdisk), "scrub": scrub_json(vdisk)}
-            for name, vdisk in self.server.catalog.items()
+            key_of(vdisk.name, vdisk.version): {
+                "damage": damage_json(vdisk), "scrub": scrub_json(vdisk),
+            }
+            for vdisk in self.server.catalog.values()
         }
 
-    def _holders(self, local: dict[str, JSON] | None = None) -> list[Holder]:
+    def holders(self, local: dict[str, JSON] | None = None) -> list[Holder]:
         local = local or {}
 
-        def detail(server: str, vdisk: str) -> JSON | None:
-            value = local.get(server, {}).get(vdisk)
+        def detail(server: str, entry: co.ReplicaEntry) -> JSON | None:
+            value = local.get(server, {}).get(key_of(entry.vdisk, entry.version))
             return value if isinstance(value, dict) else None
 
         name = self.config.name
         holders = [
-            Holder(name, self.server.state.value, entry, True, detail(name, entry.vdisk))
+            Holder(name, self.server.state.value, entry, True, detail(name, entry))
             for entry in self.server.local_state().replicas.values()
         ]
         site = self.server.site
         for peer in site.peers.values() if site is not None else ():
             state = _peer_state(peer)
             holders += [
-                Holder(peer.name, state, entry, False, detail(peer.name, entry.vdisk))
+                Holder(peer.name, state, entry, False, detail(peer.name, entry))
                 for entry in peer.inventory.values()
             ]
         return holders
 
     def _known_properties(self, name: str) -> VDiskProperties:
         """The vDisk's settings to check a change against: ours, else a holder's."""
-        vdisk = self.server.catalog.get(name)
-        if vdisk is not None:
-            return vdisk.properties
+        versions = self.server.catalog.versions(name)
+        if versions:
+            return versions[max(versions)].properties
         site = self.server.site
         holders = sorted(
-            (p for p in (site.peers.values() if site is not None else ()) if name in p.inventory),
+            (p for p in (site.peers.values() if site is not None else ()) if _holds(p, name)),
             key=lambda p: p.name,
         )
         if not holders:
             raise ApiError(
                 404, f"no server of the site holds a vDisk named {name!r}; see pvsctl vdisks",
             )
-        entry = holders[0].inventory[name]
+        entry = max(
+            (e for e in holders[0].inventory.values() if e.vdisk == name),
+            key=lambda e: e.version,
+        )
         try:
             return VDiskProperties(
                 mode=Mode.from_code(entry.mode), maintenance=entry.maintenance,
@@ -598,6 +704,11 @@ class AdminServer:
         address = _peer_admin(peer)
         if not address:
             raise PeerError(f"{peer.name} announces no admin API: start its pvsd with --admin")
+        return await self._request(peer.name, address, method, path, body, timeout)
+
+    async def _request(
+        self, server: str, address: str, method: str, path: str, body: bytes, timeout: float
+    ) -> JSON:
         if self._client is None:
             raise PeerError("admin API is closing")
         headers = {
@@ -614,18 +725,18 @@ class AdminServer:
                     status = response.status
         except TimeoutError:
             raise PeerError(
-                f"{peer.name} ({address}) did not answer within {timeout:g} s"
+                f"{server} ({address}) did not answer within {timeout:g} s"
             ) from None
         except aiohttp.ClientError as error:
-            raise PeerError(f"{peer.name} ({address}): {error or type(error).__name__}") from None
+            raise PeerError(f"{server} ({address}): {error or type(error).__name__}") from None
         try:
             answer = json.loads(text)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise PeerError(f"{peer.name} ({address}) answered HTTP {status} without JSON")
+            raise PeerError(f"{server} ({address}) answered HTTP {status} without JSON")
         if status >= 400:
-            raise PeerError(f"{peer.name} ({address}) answered {status}: {answer.get('error')}")
+            raise PeerError(f"{server}: {answer.get('error')}", status)
         return answer
 
 
@@ -674,7 +785,9 @@ def parse_changes(body: bytes) -> JSON:
         raise ApiError(
             400, "body must be a JSON object with at least one setting, e.g. {\"version\": 2}"
         )
-    unknown = sorted(set(data) - set(SETTABLE) - {MANIFEST_TIME})
+    if FORCE in data and not isinstance(data[FORCE], bool):
+        raise ApiError(400, f"{FORCE} must be true or false")
+    unknown = sorted(set(data) - set(SETTABLE) - {MANIFEST_TIME, FORCE})
     if unknown:
         raise ApiError(
             400, f"unknown setting(s) {', '.join(unknown)}; settable: {', '.join(SETTABLE)}"
@@ -691,15 +804,39 @@ def parse_changes(body: bytes) -> JSON:
 
 
 def _properties_part(changes: JSON) -> JSON:
-    return {key: value for key, value in changes.items() if key != MANIFEST_TIME}
+    return {key: value for key, value in changes.items() if key not in (MANIFEST_TIME, FORCE)}
 
 
-def _vdisk_name(request: web.Request) -> str:
-    name = request.match_info["name"]
+def cuts_off(current: VDiskProperties, changes: JSON) -> list[str]:
+    """The changes that would take a vDisk away from targets streaming it now: a new version
+    number (they pinned the old one), another mode (the copy is checked again), maintenance
+    (only maintenance devices may log in again) or a narrower choice of servers (they could
+    not fail over)."""
+    cuts = []
+    if "version" in changes and changes["version"] != current.version:
+        cuts.append("the version")
+    if "mode" in changes and changes["mode"] != str(current.mode):
+        cuts.append("the mode")
+    if changes.get("maintenance") is True and not current.maintenance:
+        cuts.append("maintenance")
+    if changes.get("load_balancing") is False and current.load_balancing:
+        cuts.append("load balancing")
+    if changes.get("subnet_affinity") == "fixed" and current.subnet_affinity != "fixed":
+        cuts.append("the subnet affinity")
+    return cuts
+
+
+def _is_ip(host: str) -> bool:
     try:
-        return validate_name(name)
-    except InvalidName as error:
-        raise ApiError(400, str(error)) from None
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _holds(peer: Peer, name: str) -> bool:
+    """Whether the peer said it holds any version of vDisk ``name``."""
+    return any(vdisk == name for vdisk, _version in peer.inventory)
 
 
 def _peer_state(peer: Peer) -> str:

@@ -73,6 +73,18 @@ class Config:
     """A read or write not finished in a worker thread after this many seconds is answered
     with a retryable IO_ERROR, and its store counts as stalled (not served, its targets sent
     elsewhere) until its late requests finish."""
+    replication_rate: float = 0
+    """Bytes per second one copy from another server may fetch (pvsctl vdisk replicate
+    --rate overrides it per copy); 0: no limit."""
+    rebalance: bool = True
+    """Site setting (the same on every server): move targets from a server more than
+    ``rebalance_trigger`` percent above the average load to the least busy, every
+    ``rebalance_interval`` seconds and when a server comes back (`pvsd.rebalance`)."""
+    rebalance_trigger: float = 25.0
+    rebalance_interval: float = 60.0
+    boot_window: float = 120.0
+    """A target that logged in without a pinned identity (a fresh boot) this recently is
+    booting: rebalancing waits while more than 20% of a server's targets are."""
 
     @property
     def listen(self) -> str:
@@ -156,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall-timeout", type=float,
         help="seconds before a store that does not answer is treated as stalled (default 1)",
     )
+    parser.add_argument(
+        "--replication-rate", type=float, help="bytes/s one copy from a peer fetches (0: no limit)"
+    )
+    parser.add_argument(
+        "--rebalance", choices=("on", "off"), help="automatic rebalancing (default on)"
+    )
+    parser.add_argument(
+        "--rebalance-trigger", type=float, metavar="PERCENT",
+        help="rebalance a server this far above the average load (default 25)",
+    )
+    parser.add_argument(
+        "--rebalance-interval", type=float, metavar="SECONDS",
+        help="seconds between rebalancing decisions (default 60)",
+    )
+    parser.add_argument(
+        "--boot-window", type=float, metavar="SECONDS",
+        help="a fresh login this recent is a booting target (default 120)",
+    )
     return parser
 
 
@@ -168,10 +198,15 @@ def load(argv: list[str] | None = None) -> Config:
         "name", "log_json", "log_level", "max_request", "max_in_flight", "idle_timeout",
         "handshake_timeout", "watch_interval", "power", "admin", "advertise", "key_file",
         "peer_timeout", "heartbeat_interval", "drain_timeout", "scrub_rate", "scrub_interval",
-        "io_threads", "background_threads", "stall_timeout",
+        "io_threads", "background_threads", "stall_timeout", "replication_rate",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    for key in ("rebalance_trigger", "rebalance_interval", "boot_window"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.rebalance is not None:
+        values["rebalance"] = args.rebalance == "on"
     if args.listen is not None:
         values["listen"] = args.listen
     if args.store:
@@ -295,7 +330,17 @@ def _validate(config: Config) -> None:
         raise ConfigError("io_threads must be between 1 and 1024")
     if not 1 <= config.background_threads <= 64:
         raise ConfigError("background_threads must be between 1 and 64")
+    if config.replication_rate < 0:
+        raise ConfigError("replication_rate must be 0 (no limit) or a positive number of bytes/s")
     if config.scrub_rate < 0:
         raise ConfigError("scrub_rate must be 0 (off) or a positive number of bytes per second")
+    if not isinstance(config.rebalance, bool):
+        raise ConfigError("rebalance must be true or false (automatic rebalancing on or off)")
+    if not 1 <= config.rebalance_trigger <= 1000:
+        raise ConfigError("rebalance_trigger must be a percentage between 1 and 1000 (default 25)")
+    if not 0.1 <= config.rebalance_interval <= 86400:
+        raise ConfigError("rebalance_interval must be between 0.1 and 86400 seconds (default 60)")
+    if not 0 <= config.boot_window <= 86400:
+        raise ConfigError("boot_window must be between 0 and 86400 seconds (default 120)")
     if not config.name or len(config.name) > 64:
         raise ConfigError("name must be 1..64 characters")

@@ -39,7 +39,10 @@ from pvsd.console import UserError
 from pvsd.console import manifests as mfc
 from pvsd.console.client import add_global_options, admin_requested, options_parser
 from pvsd.console.commands import add_site_commands, set_through_admin
+from pvsd.console.rebalance import add_rebalance_commands
+from pvsd.console.replicate import add_replicate_commands
 from pvsd.console.tables import human_size
+from pvsd.console.versions import add_version_commands
 from pvsd.manifest import manifest_path
 from pvsd.names import InvalidName, validate_name
 from pvsd.properties import (
@@ -129,6 +132,18 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     set_.add_argument("--fixed-server")
     set_.add_argument("--subnet-affinity", choices=[str(value) for value in SubnetAffinity])
     set_.add_argument("--description")
+    set_.add_argument(
+        "--test-devices", type=_patterns, metavar="ID,...",
+        help="device ids or globs (lab-*) that get test versions; '' for none",
+    )
+    set_.add_argument(
+        "--maintenance-devices", type=_patterns, metavar="ID,...",
+        help="device ids or globs that may write a maintenance version; '' for none",
+    )
+    set_.add_argument(
+        "--force", action="store_true",
+        help="make a change that cuts off streaming targets (they are named without it)",
+    )
     set_.set_defaults(handler=_set)
 
     show = commands.add_parser(
@@ -144,6 +159,7 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     )
     verify.add_argument("name")
     verify.add_argument("--store", type=Path, help=f"the store (default: ${mfc.STORE_ENV})")
+    verify.add_argument("--version", type=int, help="which version (default: the newest)")
     verify.set_defaults(handler=_verify)
 
     manifest = commands.add_parser(
@@ -160,6 +176,12 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
         help="digest block size, 4K to 1M (default: the current manifest's, else 16K)",
     )
     manifest.set_defaults(handler=_manifest)
+    add_version_commands(commands)
+    add_replicate_commands(commands)
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _block_size_option(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +193,7 @@ def _block_size_option(parser: argparse.ArgumentParser) -> None:
 
 _COMMAND_GROUPS: tuple[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...
-] = (_add_vdisk_commands, add_site_commands)
+] = (_add_vdisk_commands, add_site_commands, add_rebalance_commands)
 
 
 def _create(args: argparse.Namespace) -> None:
@@ -241,17 +263,22 @@ def _set(args: argparse.Namespace) -> None:
         "fixed_server": args.fixed_server,
         "subnet_affinity": args.subnet_affinity and SubnetAffinity(args.subnet_affinity),
         "description": args.description,
+        "test_devices": args.test_devices,
+        "maintenance_devices": args.maintenance_devices,
     }
     changes = {key: value for key, value in options.items() if value is not None}
     if not changes:
         raise UserError("nothing to change; pass at least one option, e.g. --version 2")
     if args.store is None:
-        set_through_admin(args, changes)
+        set_through_admin(args, changes | ({"force": True} if args.force else {}))
         return
     store = _store_directory(args.store)
-    image = store / f"{args.name}.img"
-    if not image.exists():
-        raise UserError(f"no vDisk {args.name} in {store}; see `pvsctl vdisk show --store {store}`")
+    image = mfc.existing_image(store, args.name)
+    if "version" in changes and image.name != f"{args.name}.img":
+        raise UserError(
+            f"{args.name} has versions of its own ({image.name}): make a new one with "
+            f"'pvsctl vdisk version new {args.name}' instead of renumbering"
+        )
     path = properties_path(image)
     current = load_properties(path)  # a broken file is reported as it is, by file and key
     try:
@@ -282,23 +309,26 @@ def _show(args: argparse.Namespace) -> None:
         asyncio.run(catalog.refresh())
     finally:
         catalog.close()
-    if args.name is not None and args.name not in catalog:
+    if args.name is not None and not catalog.versions(args.name):
         stores = " ".join(f"--store {path}" for path in args.store)
         raise UserError(f"no vDisk {args.name} is served from {stores}; check the name")
-    vdisks = [catalog[args.name]] if args.name is not None else list(catalog.values())
-    manifests = {vdisk.name: _manifest_or_error(vdisk) for vdisk in vdisks}
+    vdisks = (
+        list(catalog.versions(args.name).values()) if args.name is not None
+        else sorted(catalog.values(), key=lambda v: (v.name, v.version))
+    )
+    manifests = {vdisk.key: _manifest_or_error(vdisk) for vdisk in vdisks}
     if args.json:
-        print(json.dumps([_vdisk_json(vdisk, manifests[vdisk.name]) for vdisk in vdisks], indent=2))
+        print(json.dumps([_vdisk_json(vdisk, manifests[vdisk.key]) for vdisk in vdisks], indent=2))
         return
     table = Table(*_COLUMNS)
     for vdisk in vdisks:
         properties = vdisk.properties
-        manifest = manifests[vdisk.name]
+        manifest = manifests[vdisk.key]
         table.add_row(
             vdisk.name,
             human_size(vdisk.size),
             str(properties.mode),
-            str(properties.version),
+            str(vdisk.version) + ("" if vdisk.state == "production" else f" ({vdisk.state})"),
             "on" if properties.maintenance else "off",
             "any server" if properties.load_balancing else f"only {properties.fixed_server}",
             str(properties.subnet_affinity),
@@ -309,14 +339,15 @@ def _show(args: argparse.Namespace) -> None:
         )
     Console().print(table)
     if args.name is not None:
-        manifest = manifests[args.name]
-        if isinstance(manifest, mf.Manifest):
-            print(f"manifest: {mfc.describe(manifest)}")
+        for vdisk in vdisks:
+            manifest = manifests[vdisk.key]
+            if isinstance(manifest, mf.Manifest):
+                print(f"manifest: {mfc.describe(manifest)}")
 
 
 def _verify(args: argparse.Namespace) -> int:
     validate_name(args.name)
-    image = mfc.existing_image(mfc.store_directory(args.store), args.name)
+    image = mfc.existing_image(mfc.store_directory(args.store), args.name, args.version)
     result = mfc.verify(image, args.name)
     print(result.lines[0])
     for line in result.lines[1:]:
@@ -533,6 +564,8 @@ def _vdisk_json(vdisk: VDisk, manifest: mf.Manifest | str) -> dict[str, object]:
     damage = vdisk.damage
     return {
         "name": vdisk.name,
+        "version": vdisk.version,
+        "state": str(vdisk.state),
         "path": str(vdisk.path),
         "store": str(vdisk.store.path),
         "size": vdisk.size,

@@ -17,7 +17,8 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
-from pvs_protocol.modes import Mode, SubnetAffinity
+from pvs_protocol.modes import Mode, SubnetAffinity, VersionState
+from pvsd.versions import parse_key
 
 SUFFIX = ".vdisk.toml"
 MAX_VERSION = 2**32 - 1
@@ -40,7 +41,14 @@ _HELP: dict[str, str] = {
     " fixed: only servers on the target's subnet",
     "block_size": "block (sector) size offered to targets, in bytes: a power of two from 512"
     " to 65536",
+    "test_devices": "device ids (or globs such as \"lab-*\") that get test versions",
+    "maintenance_devices": "device ids (or globs) that may write a maintenance version; one"
+    " at a time",
+    "versions": "the state of each version: maintenance (being written), test (test devices"
+    " only) or production (every target); a version not listed is production. Change them"
+    " with `pvsctl vdisk version promote`",
 }
+MAX_DEVICE_PATTERNS = 64
 
 
 class PropertiesError(ValueError):
@@ -70,6 +78,19 @@ class VDiskProperties:
     fixed_server: str = ""
     subnet_affinity: SubnetAffinity = SubnetAffinity.none
     block_size: int = 4096
+    test_devices: tuple[str, ...] = ()
+    maintenance_devices: tuple[str, ...] = ()
+    versions: Mapping[int, VersionState] = dataclasses.field(default_factory=dict)
+    """Version number -> state; a version not listed is production."""
+
+    def state_of(self, version: int) -> VersionState:
+        return self.versions.get(version, VersionState.production)
+
+    def with_state(self, version: int, state: VersionState | None) -> VDiskProperties:
+        versions = {n: s for n, s in self.versions.items() if n != version}
+        if state is not None:
+            versions[version] = state
+        return dataclasses.replace(self, versions=dict(sorted(versions.items())))
 
     def __post_init__(self) -> None:
         if not 0 <= self.version <= MAX_VERSION:
@@ -91,6 +112,18 @@ class VDiskProperties:
             raise PropertiesError(
                 "fixed_server", "is longer than 64 characters; server names are at most 64"
             )
+        for key in ("test_devices", "maintenance_devices"):
+            patterns: tuple[str, ...] = getattr(self, key)
+            if len(patterns) > MAX_DEVICE_PATTERNS or any(
+                not 0 < len(p) <= 128 or p != p.strip() for p in patterns
+            ):
+                raise PropertiesError(
+                    key, f"use at most {MAX_DEVICE_PATTERNS} device ids or globs, each 1 to 128"
+                    " characters without surrounding blanks",
+                )
+        for version in self.versions:
+            if not 0 <= version <= MAX_VERSION:
+                raise PropertiesError("versions", f"version {version} is out of range")
         if not self.load_balancing and not self.fixed_server:
             raise PropertiesError(
                 "fixed_server",
@@ -98,8 +131,15 @@ class VDiskProperties:
                 " name the serving server, or turn load_balancing on",
             )
 
-    def to_mapping(self) -> dict[str, str | int | bool]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+    def to_mapping(self) -> dict[str, object]:
+        """As TOML would hold it (version keys as text)."""
+        values: dict[str, object] = {
+            field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+        }
+        values["test_devices"] = list(self.test_devices)
+        values["maintenance_devices"] = list(self.maintenance_devices)
+        values["versions"] = {str(n): str(s) for n, s in sorted(self.versions.items())}
+        return values
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> VDiskProperties:
@@ -116,6 +156,12 @@ class VDiskProperties:
 
 
 def _convert(key: str, kind: type, raw: object) -> object:
+    if key in ("test_devices", "maintenance_devices"):
+        if not isinstance(raw, list | tuple) or not all(isinstance(p, str) for p in raw):
+            raise PropertiesError(key, f"{raw!r} has the wrong type; use a list of \"texts\"")
+        return tuple(raw)
+    if key == "versions":
+        return _versions(raw)
     if issubclass(kind, enum.StrEnum):
         if not isinstance(raw, str) or raw not in kind.__members__:
             allowed = " or ".join(f'"{member}"' for member in kind.__members__)
@@ -128,9 +174,35 @@ def _convert(key: str, kind: type, raw: object) -> object:
     return raw
 
 
+def _versions(raw: object) -> dict[int, VersionState]:
+    if not isinstance(raw, Mapping):
+        raise PropertiesError("versions", f"{raw!r} is not a table; write [versions] then 3 = "
+                              '"production" lines')
+    states: dict[int, VersionState] = {}
+    for number, state in raw.items():
+        text = str(number)
+        if not text.isdigit() or len(text) > 10:
+            raise PropertiesError("versions", f"{text!r} is not a version number")
+        if not isinstance(state, str) or state not in VersionState.__members__:
+            allowed = " or ".join(f'"{s}"' for s in VersionState.__members__)
+            raise PropertiesError("versions", f"version {text}: {state!r}; use {allowed}")
+        states[int(text)] = VersionState(state)
+    return dict(sorted(states.items()))
+
+
+def set_version_state(path: Path, version: int, state: VersionState | None) -> VDiskProperties:
+    """Record a version's state (None: forget the version) in the properties file at
+    ``path``, keeping every other setting; returns what was written."""
+    updated = load_properties(path).with_state(version, state)
+    save_properties(path, updated)
+    return updated
+
+
 def properties_path(image: Path) -> Path:
-    """``store/NAME.img`` -> ``store/NAME.vdisk.toml``."""
-    return image.with_name(image.name.removesuffix(".img") + SUFFIX)
+    """``store/NAME.img`` or ``store/NAME@N.img`` -> ``store/NAME.vdisk.toml``: one file
+    for every version of a vDisk."""
+    name, _version = parse_key(image.name.removesuffix(".img"))
+    return image.with_name(name + SUFFIX)
 
 
 def load_properties(path: Path) -> VDiskProperties:
@@ -156,7 +228,16 @@ def dump_properties(properties: VDiskProperties) -> str:
         wrapped = textwrap.wrap(f"{key}: {text}", width=76, subsequent_indent="  ")
         lines += [f"# {line}" for line in wrapped]
     lines.append("")
-    lines += [f"{key} = {_toml_value(value)}" for key, value in properties.to_mapping().items()]
+    values = properties.to_mapping()
+    versions = values.pop("versions")
+    for key, value in values.items():
+        if isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(_toml_value(str(v)) for v in value)}]")
+        else:
+            assert isinstance(value, str | int | float | bool)
+            lines.append(f"{key} = {_toml_value(value)}")
+    assert isinstance(versions, dict)
+    lines += ["", "[versions]"] + [f'"{n}" = {_toml_value(s)}' for n, s in versions.items()]
     return "\n".join(lines) + "\n"
 
 

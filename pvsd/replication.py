@@ -23,8 +23,9 @@ from typing import Any
 
 from pvs_protocol import coordination as co
 from pvs_protocol.identity import ReplicaIdentity
+from pvs_protocol.modes import VersionState
 from pvsd import balance
-from pvsd.site import replica_of
+from pvsd.site import replica_of, replicas_of
 
 JSON = dict[str, Any]
 
@@ -44,9 +45,29 @@ class Holder:
     entry alone still gives the status."""
 
 
+def views_of(holders: Iterable[Holder]) -> list[balance.ServerView]:
+    """The holders as placement sees servers (no address or load: not needed here)."""
+    by_server: dict[str, list[Holder]] = {}
+    for holder in holders:
+        by_server.setdefault(holder.server, []).append(holder)
+    return [
+        balance.ServerView(
+            name, "", group[0].state == "serving",
+            replicas=replicas_of(h.entry for h in group),
+        )
+        for name, group in sorted(by_server.items())
+    ]
+
+
 def reference_of(holders: Iterable[Holder]) -> ReplicaIdentity | None:
-    """The manifest copies are compared with: the preferred one among copies that are not
-    damaged, on servers that are up if any of them has one."""
+    """The manifest copies are compared with: the one an ordinary new target gets now (a
+    pending version is not it yet); with no server serving, the preferred one among copies
+    that are not damaged, on servers that are up if any of them has one."""
+    holders = list(holders)
+    if holders:
+        wanted = balance.wanted_identity(views_of(holders), holders[0].entry.vdisk)
+        if wanted is not None:
+            return wanted
     good = [h for h in holders if not h.entry.damaged]
     up = [h.entry.identity for h in good if h.state != "down"]
     return balance.preferred_identity(up) or balance.preferred_identity(
@@ -130,6 +151,7 @@ def replication_report(holders: Iterable[Holder]) -> list[JSON]:
         failover = balance.failover_allowed(replica_of(group[0].entry))
         report.append({
             "name": name,
+            "versions": versions_report(group),
             "reference": reference.to_json() if reference is not None else None,
             "reference_short": reference.short if reference is not None else None,
             "settings": settings,
@@ -140,6 +162,32 @@ def replication_report(holders: Iterable[Holder]) -> list[JSON]:
             "high_availability": failover and len(candidates) >= 2,
         })
     return report
+
+
+def versions_report(holders: list[Holder]) -> list[JSON]:
+    """Per version, newest first: its state, the copy targets get, whether it is pending
+    (and which serving servers lack it), and every server's copy of it."""
+    vdisk = holders[0].entry.vdisk
+    rows = []
+    for status in balance.versions_of(views_of(holders), vdisk):
+        copies = {}
+        for holder in holders:
+            if holder.entry.version != status.version:
+                continue
+            state, reasons = status_of(holder.entry, status.identity)
+            copies[holder.server] = {
+                "status": state, "differences": reasons, "server_state": holder.state,
+                "short": holder.entry.identity.short if holder.entry.identity else "pending",
+            }
+        rows.append({
+            "version": status.version, "state": str(status.state),
+            "identity": status.identity.to_json() if status.identity is not None else None,
+            "short": status.identity.short if status.identity is not None else None,
+            "pending": status.pending and status.state is VersionState.production,
+            "holders": list(status.holders), "lacking": list(status.lacking),
+            "copies": dict(sorted(copies.items())),
+        })
+    return rows
 
 
 def settings_of(entry: co.ReplicaEntry) -> JSON:

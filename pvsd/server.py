@@ -27,9 +27,10 @@ from pvs_protocol.modes import Mode
 from pvsd import balance, locks
 from pvsd.config import Config, format_address, parse_address
 from pvsd.session import Session, new_session_id
-from pvsd.site import LocalState, Site, replica_entry
+from pvsd.site import LocalState, Site, replica_entry, replicas_of
 from pvsd.stalls import StallTracker, Transition
 from pvsd.store import Catalog, VDisk
+from pvsd.versions import DeviceClass, device_class
 
 log = structlog.get_logger("pvsd.server")
 
@@ -180,27 +181,93 @@ class StreamServer:
         """
         if self.state is not StreamState.SERVING:
             return ev.Error(0, ErrorCode.STOPPING, "this server is stopping: log in elsewhere")
+        device = self.device_class(login.vdisk, login.device_id)
         if self.site is not None and not login.redirected:
             choice = balance.choose(
                 self.site.view(), login.vdisk, me=self.config.name,
                 target_ip=session.peer_ip, pinned=login.pinned, avoid=login.avoid,
+                device=device,
             )
             if isinstance(choice, balance.Refusal):
                 return ev.Error(0, choice.code, choice.message)
             if choice.server != self.config.name:
                 self.site.note_placement(choice.server)
                 return ev.Redirect(choice.server, choice.address, "least busy server")
-        return self._accept_here(login, session)
+        return self._accept_here(login, session, device)
 
-    def _accept_here(
-        self, login: ev.Login, session: Session
-    ) -> ev.Error | tuple[VDisk, ev.LoginOk]:
-        vdisk = self.catalog.get(login.vdisk)
-        if vdisk is None:
+    def device_class(self, vdisk: str, device_id: str) -> DeviceClass:
+        """The device's class for this vDisk, from our copy's properties (every version's)."""
+        versions = self.catalog.versions(vdisk)
+        if not versions:
+            return DeviceClass.ordinary
+        props = versions[max(versions)].properties
+        return device_class(
+            device_id, test=props.test_devices, maintenance=props.maintenance_devices
+        )
+
+    def view(self) -> list[balance.ServerView]:
+        """The site as placement sees it; without a site, this server alone."""
+        if self.site is not None:
+            return self.site.view()
+        state = self.local_state()
+        return [balance.ServerView(
+            self.config.name, self.advertised, state.serving is ServerState.SERVING,
+            self.config.power, state.targets, (), replicas_of(state.replicas.values()),
+        )]
+
+    def _choose_version(
+        self, login: ev.Login, device: DeviceClass
+    ) -> ev.Error | VDisk:
+        """Our copy of the version this login gets: the one it pinned, else the one its
+        device class gets now (the same choice the login server made)."""
+        versions = self.catalog.versions(login.vdisk)
+        if not versions:
             return ev.Error(
                 0, ErrorCode.UNKNOWN_VDISK,
                 f"no vDisk named {login.vdisk!r} on {self.config.name}: check the name with "
                 "'pvsctl vdisks'",
+            )
+        if login.pinned is not None:
+            number: int | None = login.pinned.version
+        else:
+            view = self.view()
+            mine = [s for s in view if s.name == self.config.name]
+            wanted = balance.wanted_identity(view, login.vdisk, device)
+            if wanted is None or not mine or wanted.version not in mine[0].replicas.get(
+                login.vdisk, {}
+            ):
+                wanted = balance.wanted_identity(mine, login.vdisk, device)
+            if wanted is not None:
+                number = wanted.version
+            else:  # nothing checked yet: the newest it may get, refused as pending below
+                allowed = [n for n, v in versions.items() if device.may_get(v.state)]
+                number = max(allowed) if allowed else None
+        vdisk = versions.get(number) if number is not None else None
+        if vdisk is None:
+            return ev.Error(
+                0, ErrorCode.NO_IDENTICAL_REPLICA,
+                f"{self.config.name} holds no copy of the version of {login.vdisk} this "
+                f"target gets (version {number}): log in at another server of the site",
+            )
+        if not device.may_get(vdisk.state):
+            return ev.Error(
+                0, ErrorCode.NO_IDENTICAL_REPLICA,
+                f"version {vdisk.version} of {login.vdisk} is in {vdisk.state}: {device} "
+                "devices do not get it (see pvsctl vdisk versions)",
+            )
+        return vdisk
+
+    def _accept_here(
+        self, login: ev.Login, session: Session, device: DeviceClass
+    ) -> ev.Error | tuple[VDisk, ev.LoginOk]:
+        chosen = self._choose_version(login, device)
+        if isinstance(chosen, ev.Error):
+            return chosen
+        vdisk = chosen
+        if vdisk.properties.maintenance and device is not DeviceClass.maintenance:
+            return ev.Error(
+                0, ErrorCode.NO_IDENTICAL_REPLICA,
+                f"{vdisk.name} is in maintenance: only its maintenance devices get it",
             )
         identity = vdisk.identity
         if vdisk.damage is not None:
@@ -227,12 +294,12 @@ class StreamServer:
                 f"replica of {vdisk.name} here differs in {differs} from the one the target "
                 "streamed before",
             )
-        props = vdisk.properties
-        flags = ev.LoginFlag.READ_ONLY if props.mode is Mode.standard else ev.LoginFlag(0)
+        props, mode = vdisk.properties, vdisk.mode
+        flags = ev.LoginFlag.READ_ONLY if mode is Mode.standard else ev.LoginFlag(0)
         if balance.failover_allowed(self.replica(vdisk)):
             flags |= ev.LoginFlag.FAILOVER
         session_id = new_session_id()
-        if props.mode is Mode.private:
+        if mode is Mode.private:
             owner = locks.Owner(self.config.name, session_id, login.device_id, time.time())
             try:
                 locks.acquire(
@@ -242,7 +309,7 @@ class StreamServer:
                 return ev.Error(0, ErrorCode.BUSY, str(busy))
         return vdisk, ev.LoginOk(
             session_id=session_id, identity=identity, block_size=props.block_size,
-            mode=props.mode.code, flags=flags, server_name=self.config.name,
+            mode=mode.code, flags=flags, server_name=self.config.name,
             server_address=self.advertised, site=self._site_addresses(),
         )
 
@@ -272,14 +339,14 @@ class StreamServer:
             )
         return None
 
-    def lock_holder_to_probe(self, vdisk_name: str) -> locks.Owner | None:
+    def lock_holder_to_probe(self, login: ev.Login) -> locks.Owner | None:
         """The holder of a Private Image's writer lock on a shared store whose server must
         be probed before a login can know whether it is gone; None when the sync rules
         decide (no lock, our own, a server down or unknown, one found crashed already)."""
         if self.site is None or self.state is not StreamState.SERVING:
             return None
-        vdisk = self.catalog.get(vdisk_name)
-        if vdisk is None or vdisk.properties.mode is not Mode.private or not vdisk.store.shared:
+        vdisk = self._choose_version(login, self.device_class(login.vdisk, login.device_id))
+        if isinstance(vdisk, ev.Error) or vdisk.mode is not Mode.private or not vdisk.store.shared:
             return None
         holder = locks.read_owner(vdisk.path)
         if holder is None or holder.server in (self.config.name, "?"):
@@ -336,7 +403,7 @@ class StreamServer:
     def peer_down(self, name: str) -> None:
         """A declared-down server cannot release its writer locks: release them for it."""
         for vdisk in self.catalog.values():
-            if vdisk.store.shared and vdisk.properties.mode is Mode.private:
+            if vdisk.store.shared and vdisk.mode is Mode.private:
                 locks.release_server(vdisk.path, name)
 
     # -- serving I/O and stalled stores ------------------------------------------------------
@@ -442,10 +509,10 @@ class StreamServer:
         props = vdisk.properties
         return balance.Replica(
             identity=vdisk.identity if vdisk.damage is None else vdisk.known_identity,
-            mode=props.mode, maintenance=props.maintenance,
+            mode=vdisk.mode, maintenance=props.maintenance,
             load_balancing=props.load_balancing, fixed_server=props.fixed_server,
             affinity=props.subnet_affinity, shared=vdisk.store.shared,
-            damaged=vdisk.damage is not None,
+            damaged=vdisk.damage is not None, version=vdisk.version, state=vdisk.state,
         )
 
     def local_state(self) -> LocalState:
@@ -456,15 +523,17 @@ class StreamServer:
             self._rate = int((total - self._rate_sample[1]) / elapsed)
             self._rate_sample = (now, total)
         replicas = {}
-        for name, vdisk in self.catalog.items():
-            r = self.replica(vdisk)
-            # a stalled store's replicas are not served: no identity while it is stalled
-            identity = None if self.stalls.stalled(vdisk.store.path) else r.identity
-            replicas[name] = replica_entry(
-                name, identity, mode=r.mode, maintenance=r.maintenance,
-                load_balancing=r.load_balancing, fixed_server=r.fixed_server,
-                affinity=r.affinity, shared=r.shared, damage=vdisk.damage,
-            )
+        for name in self.catalog.names():
+            for version, vdisk in self.catalog.versions(name).items():
+                r = self.replica(vdisk)
+                # a stalled store's replicas are not served: no identity while it is stalled
+                identity = None if self.stalls.stalled(vdisk.store.path) else r.identity
+                replicas[name, version] = replica_entry(
+                    name, identity, mode=r.mode, maintenance=r.maintenance,
+                    load_balancing=r.load_balancing, fixed_server=r.fixed_server,
+                    affinity=r.affinity, shared=r.shared, damage=vdisk.damage,
+                    version=version, state=r.state,
+                )
         return LocalState(
             serving=_SITE_STATE[self.state],
             targets=sum(1 for s in self.sessions if s.streaming),

@@ -89,6 +89,8 @@ class Session(asyncio.Protocol):
         self.peer_ip = ""
         self.local_address = ""
         self.since = time.time()
+        self.pinned_login = False
+        """The login carried a pinned identity: the target moved here, it did not boot."""
         self.bytes_read = 0
         self.bytes_written = 0
         self.last_heard = time.monotonic()
@@ -303,7 +305,7 @@ class Session(asyncio.Protocol):
         if not login.device_id or len(login.device_id) > 128:
             self._refuse(ErrorCode.BAD_NAME, "device id must be 1..128 characters", login)
             return
-        holder = self.server.lock_holder_to_probe(login.vdisk)
+        holder = self.server.lock_holder_to_probe(login)
         if holder is not None and self._login_task is None:
             # A Private Image locked through another server: find out (without blocking the
             # loop) whether that server crashed before answering; LOGIN is one at a time.
@@ -342,12 +344,12 @@ class Session(asyncio.Protocol):
         vdisk, reply = decision
         manifest = vdisk.manifest
         if manifest is None or manifest.identity != reply.identity:
-            if vdisk.properties.mode is Mode.private:
+            if vdisk.mode is Mode.private:
                 locks.release(vdisk.path, reply.session_id)
             self._refuse(ErrorCode.IDENTITY_PENDING,
                          f"{vdisk.name} is being checked: retry in a few seconds", login)
             return
-        if vdisk.properties.mode is Mode.private:  # we hold its writer lock now
+        if vdisk.mode is Mode.private:  # we hold its writer lock now
             try:
                 manifest.open_for_writing()
                 self.write_fd = os.open(vdisk.path, os.O_RDWR | os.O_CLOEXEC)
@@ -360,6 +362,7 @@ class Session(asyncio.Protocol):
                 reply = dataclasses.replace(reply, identity=manifest.identity)
                 self.server.catalog.wrote(vdisk, manifest.identity, tell=True)
         self.vdisk, self.device_id, self.session_id = vdisk, login.device_id, reply.session_id
+        self.pinned_login = login.pinned is not None  # a move, not a boot (pvsd.rebalance)
         self.identity = reply.identity
         self.image = vdisk.file
         self.manifest = manifest

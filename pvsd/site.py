@@ -14,14 +14,14 @@ import collections
 import dataclasses
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import structlog
 
 from pvs_protocol import coordination as co
 from pvs_protocol.identity import ReplicaIdentity
-from pvs_protocol.modes import Mode, SubnetAffinity
+from pvs_protocol.modes import Mode, SubnetAffinity, VersionState
 from pvsd.balance import Network, Replica, ServerView
 from pvsd.config import Config, parse_address
 
@@ -37,7 +37,8 @@ class Peer:
     heartbeat: co.Heartbeat
     last_heard: float
     up: bool = True
-    inventory: dict[str, co.ReplicaEntry] = dataclasses.field(default_factory=dict)
+    inventory: dict[tuple[str, int], co.ReplicaEntry] = dataclasses.field(default_factory=dict)
+    """(vDisk, version) -> the peer's copy of that version."""
     inventory_generation: int = -1
     partial: dict[int, co.InventoryChunk] = dataclasses.field(default_factory=dict)
     partial_generation: int = -1
@@ -52,7 +53,8 @@ class LocalState:
     serving: co.ServerState
     targets: int
     bytes_per_second: int
-    replicas: dict[str, co.ReplicaEntry]
+    replicas: dict[tuple[str, int], co.ReplicaEntry]
+    """(vDisk, version) -> our copy of that version."""
 
 
 class Site(asyncio.DatagramProtocol):
@@ -66,11 +68,13 @@ class Site(asyncio.DatagramProtocol):
         self.dropped: collections.Counter[str] = collections.Counter()
         self.received = 0
         self.on_peer_down: list[Callable[[str], None]] = []
+        self.on_peer_up: list[Callable[[str], None]] = []
+        """Called with a peer's name when it joins, is up again or serves again."""
         self._guard = co.ReplayGuard()
         self._epoch = time.time_ns()
         self._seq = 0
         self._generation = 0
-        self._inventory_sent: dict[str, co.ReplicaEntry] | None = None
+        self._inventory_sent: dict[tuple[str, int], co.ReplicaEntry] | None = None
         self._inventory_due = 0.0
         self._last_chunks: list[co.InventoryChunk] = []
         self._placed: dict[str, list[float]] = collections.defaultdict(list)
@@ -180,6 +184,9 @@ class Site(asyncio.DatagramProtocol):
         now = time.monotonic()
         message = envelope.message
         peer = self.peers.get(sender)
+        back = peer is None or not peer.up or envelope.epoch != peer.epoch or (
+            peer.heartbeat.state is not co.ServerState.SERVING
+        )  # joined, up again, restarted or serving again: on_peer_up once it serves
         if peer is not None and envelope.epoch != peer.epoch:
             if peer.epoch:
                 log.info("peer_restarted", peer=sender)
@@ -195,6 +202,9 @@ class Site(asyncio.DatagramProtocol):
                 peer.up = True
                 log.info("peer_up", peer=sender, address=message.stream_address)
             self._placed.pop(sender, None)
+            if back and message.state is co.ServerState.SERVING:
+                for up_callback in self.on_peer_up:
+                    up_callback(sender)
         elif peer is not None:
             peer.last_heard = now
             self._add_chunk(peer, message)
@@ -210,7 +220,7 @@ class Site(asyncio.DatagramProtocol):
         peer.partial[chunk.index] = chunk
         if len(peer.partial) == chunk.count and chunk.generation != peer.inventory_generation:
             peer.inventory = {
-                e.vdisk: e for c in peer.partial.values() for e in c.entries
+                e.key: e for c in peer.partial.values() for e in c.entries
             }
             peer.inventory_generation = chunk.generation
             log.info(
@@ -243,7 +253,7 @@ class Site(asyncio.DatagramProtocol):
                 name=self.config.name, address=self.stream_address,
                 serving=state.serving is co.ServerState.SERVING, power=self.config.power,
                 targets=state.targets, subnets=self._subnets,
-                replicas={n: replica_of(e) for n, e in state.replicas.items()},
+                replicas=replicas_of(state.replicas.values()),
             )
         ]
         for peer in self.peers.values():
@@ -254,7 +264,7 @@ class Site(asyncio.DatagramProtocol):
                     serving=peer.up and beat.state is co.ServerState.SERVING, power=beat.power,
                     targets=beat.targets + len(self._placed.get(peer.name, ())),
                     subnets=tuple(n for n in map(_network, beat.subnets) if n is not None),
-                    replicas={n: replica_of(e) for n, e in peer.inventory.items()},
+                    replicas=replicas_of(peer.inventory.values()),
                 )
             )
         return servers
@@ -275,14 +285,24 @@ def replica_of(entry: co.ReplicaEntry) -> Replica:
         identity=entry.identity, mode=Mode.from_code(entry.mode), maintenance=entry.maintenance,
         load_balancing=entry.load_balancing, fixed_server=entry.fixed_server,
         affinity=SubnetAffinity.from_code(entry.affinity), shared=entry.shared,
-        damaged=entry.damaged,
+        damaged=entry.damaged, version=entry.version,
+        state=VersionState.from_code(entry.state),
     )
+
+
+def replicas_of(entries: Iterable[co.ReplicaEntry]) -> dict[str, dict[int, Replica]]:
+    """vDisk -> version -> replica, as placement reads a server's copies."""
+    replicas: dict[str, dict[int, Replica]] = {}
+    for entry in entries:
+        replicas.setdefault(entry.vdisk, {})[entry.version] = replica_of(entry)
+    return replicas
 
 
 def replica_entry(
     name: str, identity: ReplicaIdentity | None, *, mode: Mode, maintenance: bool,
     load_balancing: bool, fixed_server: str, affinity: SubnetAffinity, shared: bool,
-    damage: Damage | None = None,
+    damage: Damage | None = None, version: int = 0,
+    state: VersionState = VersionState.production,
 ) -> co.ReplicaEntry:
     """Our inventory entry for one replica. A damaged replica keeps advertising its identity,
     so that the admin sees which version went bad, but its damage makes it no candidate."""
@@ -291,6 +311,7 @@ def replica_entry(
         identity,
         damaged_at=-1 if damage is None else max(damage.first_offset, 0),
         bad_blocks=0 if damage is None else max(damage.bad_blocks, 1),
+        version=version, state=state.code,
     )
 
 

@@ -32,7 +32,7 @@ from structlog.typing import FilteringBoundLogger
 
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.manifest import DEFAULT_BLOCK_SIZE, ManifestError, leaf_digest, node_digest
-from pvs_protocol.modes import Mode
+from pvs_protocol.modes import Mode, VersionState
 from pvsd import locks
 from pvsd.identity import (
     ImageChanged,
@@ -54,6 +54,7 @@ from pvsd.manifest import (
 )
 from pvsd.names import InvalidName, validate_name
 from pvsd.properties import PropertiesError, VDiskProperties, load_properties, properties_path
+from pvsd.versions import parse_key
 
 IMAGE_SUFFIX = ".img"
 
@@ -61,7 +62,8 @@ _log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 Listener = Callable[[str, "VDisk | None"], None]
-"""Called with a vDisk name and its current replica, or None once it is no longer served."""
+"""Called with a catalog key (``NAME`` or ``NAME@N``) and its current replica, or None once it
+is no longer served."""
 
 _Observation = tuple[
     StatKey | None, StatKey | None, StatKey | None, StatKey | None, StatKey | None
@@ -92,6 +94,7 @@ class VDisk:
     """One replica of a vDisk, as served by this server."""
 
     name: str
+    """The vDisk's name, as targets and administrators use it."""
     path: Path
     store: Store = dataclasses.field(repr=False)
     properties: VDiskProperties
@@ -115,6 +118,32 @@ class VDisk:
     """What that pass is: "manifest" (adopting), "verify", "recheck" or "scrub"."""
     last_scrub: float = 0.0
     """When a scrub pass last completed over this replica (time.time(), 0: never)."""
+    key: str = ""
+    """The image file's stem (``NAME`` or ``NAME@N``): the catalog's key for this copy."""
+    file_version: int | None = None
+    """The version its file name says (``NAME@N.img``); None for a plain ``NAME.img``."""
+
+    @property
+    def version(self) -> int:
+        """Which version of the vDisk this file holds: its name says, else its manifest,
+        else (before the manifest is read) its properties."""
+        if self.file_version is not None:
+            return self.file_version
+        if self.manifest is not None:
+            return self.manifest.version
+        return self.properties.version
+
+    @property
+    def state(self) -> VersionState:
+        return self.properties.state_of(self.version)
+
+    @property
+    def mode(self) -> Mode:
+        """How it is served: a maintenance version is written through by its one maintenance
+        device, as a Private Image is."""
+        if self.state is VersionState.maintenance:
+            return Mode.private
+        return self.properties.mode
 
     @property
     def fd(self) -> int:
@@ -217,7 +246,7 @@ class Store:
         if vdisk is None:
             return []
         vdisk.identity = None
-        _log.info("vdisk_removed", vdisk=vdisk.name, store=str(self.path))
+        _log.info("vdisk_removed", vdisk=vdisk.name, version=vdisk.version, store=str(self.path))
         return [Change(vdisk, removed=True)]
 
     def _update(self, file_name: str) -> list[Change]:
@@ -239,10 +268,13 @@ class Store:
             return [Change(old, removed=True)]
         manifest_key = self._stat_key(manifest_path(self.path / file_name), follow=True)
         if old is None:
-            vdisk = VDisk(name, self.path / file_name, self, properties, file, key)
+            vdisk_name, version = parse_key(name)
+            vdisk = VDisk(vdisk_name, self.path / file_name, self, properties, file, key,
+                          key=name, file_version=version)
             vdisk.manifest_key = manifest_key
             self.vdisks[name] = vdisk
-            _log.info("vdisk_found", vdisk=name, store=str(self.path), size=key.size)
+            _log.info("vdisk_found", vdisk=vdisk_name, version=version, store=str(self.path),
+                      size=key.size)
             return [Change(vdisk, rehash=True)]
         if old.stat.same_file(key):
             file.close()
@@ -255,9 +287,12 @@ class Store:
             _log.info("vdisk_properties_changed", vdisk=name, store=str(self.path))
         if old.properties.mode != properties.mode:
             changed.append("mode")
+        old_state = old.state
         old.stat, old.properties, old.manifest_key = key, properties, manifest_key
+        if old.state is not old_state and VersionState.maintenance in (old.state, old_state):
+            changed.append("state")  # written through, or read-only: checked again
         if (
-            not changed and properties.mode is Mode.private and old.identity is None
+            not changed and old.mode is Mode.private and old.identity is None
             and old.damage is None and not old.writer
         ):
             # its lock changed: a manifest left torn by a writer's crashed server can now be
@@ -274,7 +309,7 @@ class Store:
     def _admit(self, file_name: str) -> tuple[ImageFile, StatKey, VDiskProperties]:
         path = self.path / file_name
         try:
-            validate_name(file_name.removesuffix(IMAGE_SUFFIX))
+            validate_name(parse_key(file_name.removesuffix(IMAGE_SUFFIX))[0])
         except InvalidName as error:
             raise Refusal(str(error), "rename the file") from None
         try:
@@ -322,7 +357,8 @@ class Store:
 
 
 class Catalog(Mapping[str, VDisk]):
-    """All stores as one name -> replica mapping; for a name in several stores the first wins.
+    """All stores as one key -> replica mapping (the key is the image file's stem, ``NAME`` or
+    ``NAME@N``: one entry per version); for a key in several stores the first wins.
 
     The catalog owns the passes over images: `watch` (or `refresh`) runs them in its task
     group, and a change noticed while a check runs cancels that check and starts another.
@@ -359,14 +395,37 @@ class Catalog(Mapping[str, VDisk]):
         self._scanned = False
         self._ready = asyncio.Event()
 
-    def __getitem__(self, name: str) -> VDisk:
-        return self._view[name]
+    def __getitem__(self, key: str) -> VDisk:
+        return self._view[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._view)
 
     def __len__(self) -> int:
         return len(self._view)
+
+    def versions(self, name: str) -> dict[int, VDisk]:
+        """Every version of vDisk ``name`` served here, by number (a plain ``NAME.img`` and a
+        ``NAME@N.img`` of the same number: the versioned file wins)."""
+        found: dict[int, VDisk] = {}
+        for vdisk in self._view.values():
+            if vdisk.name == name and (
+                vdisk.version not in found or vdisk.file_version is not None
+            ):
+                found[vdisk.version] = vdisk
+        return dict(sorted(found.items()))
+
+    def replica(self, name: str, version: int) -> VDisk | None:
+        return self.versions(name).get(version)
+
+    def holding(self, name: str, identity: ReplicaIdentity) -> VDisk | None:
+        """Our copy with exactly this identity, if we serve one now."""
+        vdisk = self.versions(name).get(identity.version)
+        return vdisk if vdisk is not None and vdisk.identity == identity else None
+
+    def names(self) -> list[str]:
+        """The vDisks served here (each may have several versions)."""
+        return sorted({vdisk.name for vdisk in self._view.values()})
 
     def on_change(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` whenever a served name appears, goes, or its replica changes
@@ -425,8 +484,8 @@ class Catalog(Mapping[str, VDisk]):
         if vdisk.damage is not None:
             return
         vdisk.identity = identity
-        if tell and self._view.get(vdisk.name) is vdisk:
-            self._notify(vdisk.name, vdisk)
+        if tell and self._view.get(vdisk.key) is vdisk:
+            self._notify(vdisk.key, vdisk)
 
     def writer_left(self, vdisk: VDisk, session_id: int) -> None:
         """The writer's session ended: later changes of the files are someone else's."""
@@ -498,10 +557,10 @@ class Catalog(Mapping[str, VDisk]):
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     def _current(self, vdisk: VDisk) -> bool:
-        return vdisk.store.vdisks.get(vdisk.name) is vdisk
+        return vdisk.store.vdisks.get(vdisk.key) is vdisk
 
     async def _check(self, vdisk: VDisk) -> None:
-        log = _log.bind(vdisk=vdisk.name, store=str(vdisk.store.path))
+        log = _log.bind(vdisk=vdisk.name, version=vdisk.file_version, store=str(vdisk.store.path))
         try:
             await self._check_replica(vdisk, log)
         except ImageChanged:
@@ -522,7 +581,7 @@ class Catalog(Mapping[str, VDisk]):
             self._check_ready()
 
     async def _check_replica(self, vdisk: VDisk, log: FilteringBoundLogger) -> None:
-        private = vdisk.properties.mode is Mode.private
+        private = vdisk.mode is Mode.private
         if private and vdisk.writer and vdisk.manifest is not None:
             self._publish(vdisk, vdisk.manifest, log)  # our writer keeps it current
             return
@@ -547,8 +606,14 @@ class Catalog(Mapping[str, VDisk]):
             return
         if loaded is None or not self._current(vdisk):
             return
+        if vdisk.file_version is not None and loaded.version != vdisk.file_version:
+            vdisk.manifest = loaded
+            self._damaged(vdisk, Damage(0, 0, "manifest", time.time()), log,
+                          error=f"{vdisk.path.name} holds version {vdisk.file_version}, its "
+                          f"manifest says version {loaded.version}")
+            return
         manifest = vdisk.manifest = loaded
-        if manifest.version != vdisk.properties.version:
+        if vdisk.file_version is None and manifest.version != vdisk.properties.version:
             log.warning(
                 "manifest_version_differs", manifest=manifest.version,
                 properties=vdisk.properties.version,
@@ -599,7 +664,7 @@ class Catalog(Mapping[str, VDisk]):
         await wait_until_settled(vdisk.path)
         vdisk.progress, vdisk.activity = Progress(vdisk.stat.size), "manifest"
         manifest, key = await build_manifest_keyed(
-            vdisk.path, vdisk.properties.version, None, DEFAULT_BLOCK_SIZE, log=log,
+            vdisk.path, vdisk.version, None, DEFAULT_BLOCK_SIZE, log=log,
             progress_interval=self._progress_interval, threads=self._threads,
             shared=vdisk.store.shared, executor=self._executor,
         )
@@ -630,8 +695,8 @@ class Catalog(Mapping[str, VDisk]):
         vdisk.manifest, vdisk.damage = manifest, None
         vdisk.identity = manifest.identity
         log.info("identity_published", identity=manifest.identity.short)
-        if self._view.get(vdisk.name) is vdisk:
-            self._notify(vdisk.name, vdisk)
+        if self._view.get(vdisk.key) is vdisk:
+            self._notify(vdisk.key, vdisk)
 
     def _damaged(
         self, vdisk: VDisk, damage: Damage, log: FilteringBoundLogger,
@@ -647,13 +712,14 @@ class Catalog(Mapping[str, VDisk]):
             f"replace {vdisk.path.name} (and its .manifest) with a copy from a server where "
             "the vDisk is not damaged",
         )
-        if self._view.get(vdisk.name) is vdisk:
-            self._notify(vdisk.name, vdisk)
+        if self._view.get(vdisk.key) is vdisk:
+            self._notify(vdisk.key, vdisk)
 
     # -- damage reported by a target, and the scrub ------------------------------------------
 
     async def _recheck(self, vdisk: VDisk, block: int, reporter: str) -> None:
-        log = _log.bind(vdisk=vdisk.name, store=str(vdisk.store.path), block=block,
+        log = _log.bind(vdisk=vdisk.name, version=vdisk.version, store=str(vdisk.store.path),
+                        block=block,
                         reporter=reporter)
         manifest, image = vdisk.manifest, vdisk.file
         try:
@@ -701,7 +767,7 @@ class Catalog(Mapping[str, VDisk]):
         await self.ready()
         while True:
             for vdisk in list(self._view.values()):
-                if self._view.get(vdisk.name) is vdisk and self._scrubbable(vdisk):
+                if self._view.get(vdisk.key) is vdisk and self._scrubbable(vdisk):
                     await self._scrub(vdisk)
             await asyncio.sleep(self.scrub_interval)
 
@@ -712,7 +778,7 @@ class Catalog(Mapping[str, VDisk]):
         )
 
     async def _scrub(self, vdisk: VDisk) -> None:
-        log = _log.bind(vdisk=vdisk.name, store=str(vdisk.store.path))
+        log = _log.bind(vdisk=vdisk.name, version=vdisk.version, store=str(vdisk.store.path))
         manifest, key = vdisk.manifest, vdisk.stat
         if manifest is None:
             return

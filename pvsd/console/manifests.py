@@ -34,6 +34,7 @@ from pvsd.console import UserError
 from pvsd.identity import ImageChanged
 from pvsd.locks import lock_path, read_owner
 from pvsd.manifest import build_manifest, load_manifest, manifest_path, verify_image, write_manifest
+from pvsd.versions import image_file, parse_key
 
 STORE_ENV = "PVS_STORE"
 PROGRESS_INTERVAL = 0.2
@@ -68,14 +69,34 @@ def store_directory(path: Path | None) -> Path:
     return path
 
 
-def existing_image(store: Path, name: str) -> Path:
-    image = store / f"{name}.img"
-    if not image.is_file():
-        raise UserError(
-            f"no vDisk {name} in {store} ({image} is not a file); see "
-            f"`pvsctl vdisk show --store {store}`"
-        )
-    return image
+def existing_image(store: Path, name: str, version: int | None = None) -> Path:
+    """The image of ``name`` in ``store``: the version asked for, else the plain ``NAME.img``,
+    else its newest version."""
+    if version is not None:
+        candidates = [store / image_file(name, version)]
+        plain = store / f"{name}.img"
+        if plain.is_file() and manifest_version(plain) == version:
+            candidates.append(plain)
+    else:
+        keys = (parse_key(path.name.removesuffix(".img")) for path in store.glob(f"{name}@*.img"))
+        numbers = sorted(number for stem, number in keys if stem == name and number is not None)
+        candidates = [store / f"{name}.img"]
+        candidates += [store / image_file(name, number) for number in reversed(numbers)]
+    for image in candidates:
+        if image.is_file():
+            return image
+    which = f"version {version} of {name}" if version is not None else f"vDisk {name}"
+    raise UserError(
+        f"no {which} in {store} ({candidates[0]} is not a file); see "
+        f"`pvsctl vdisk show --store {store} {name}`"
+    )
+
+
+def manifest_version(image: Path) -> int | None:
+    try:
+        return mf.Manifest.decode(manifest_path(image).read_bytes()).version
+    except (OSError, mf.ManifestError):
+        return None
 
 
 def refuse_while_written(image: Path, name: str, what: str) -> None:

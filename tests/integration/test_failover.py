@@ -219,7 +219,7 @@ async def test_rolling_stop_start_under_many_readers(site: Site) -> None:
     [
         ({"load_balancing": "off", "fixed_server": "s1"}, "load balancing off"),
         ({"mode": "private"}, "Private Image"),
-        ({"maintenance": "on"}, "maintenance"),
+        ({"maintenance": "on", "maintenance_devices": "fixed"}, "maintenance"),
     ],
 )
 async def test_no_failover_waits_for_its_server(

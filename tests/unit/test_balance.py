@@ -32,9 +32,10 @@ def server(
     identity: ReplicaIdentity | None = A, subnets: tuple[ipaddress.IPv4Network, ...] = (),
     **settings: object,
 ) -> ServerView:
-    replica = Replica(identity, **settings)  # type: ignore[arg-type]
+    version = identity.version if identity is not None else 1
+    replica = Replica(identity, version=version, **settings)  # type: ignore[arg-type]
     return ServerView(
-        name, f"{name}:6910", serving, power, targets, subnets, {"disk": replica}
+        name, f"{name}:6910", serving, power, targets, subnets, {"disk": {version: replica}}
     )
 
 
