@@ -339,6 +339,9 @@ class Store:
             raise Refusal(str(error), "fix the file; it is read again when saved") from None
         return file, StatKey.of(result, shared=self.shared), properties
 
+    def manifest_key(self, vdisk: VDisk) -> StatKey | None:
+        return self._stat_key(manifest_path(vdisk.path), follow=True)
+
     def _observe(self, file_name: str) -> _Observation:
         path = self.path / file_name
         return (
@@ -679,6 +682,8 @@ class Catalog(Mapping[str, VDisk]):
                 functools.partial(load_manifest, vdisk.path, shared=vdisk.store.shared)
             )
         write_verified(vdisk.path, Verified(key, node_digest(manifest.levels[-1])), log=log)
+        # our own write: the next poll must not take it for a manifest copied in
+        vdisk.manifest_key = vdisk.store.manifest_key(vdisk)
         log.warning(
             "manifest_adopted", identity=manifest.identity.short, path=str(vdisk.path),
             hint="the image had no manifest: one was made from its present content; make "
