@@ -129,10 +129,14 @@ def replication_report(holders: Iterable[Holder]) -> list[JSON]:
         group = sorted(by_vdisk[name], key=lambda h: (not h.is_self, h.server))
         reference = reference_of(group)
         settings = settings_of(group[0].entry)
+        versions = versions_report(group)
+        by_version = {row["version"]: row for row in versions}
         replicas = []
-        for holder in sorted(group, key=lambda h: h.server):
+        for holder in sorted(group, key=lambda h: (h.server, -h.entry.version)):
             identity = holder.entry.identity
             status, reasons = status_of(holder.entry, reference)
+            version = by_version.get(holder.entry.version, {})
+            copy = version.get("copies", {}).get(holder.server, {})
             own = settings_of(holder.entry)
             scrub = holder.local.get("scrub") if holder.local is not None else None
             replicas.append({
@@ -140,6 +144,9 @@ def replication_report(holders: Iterable[Holder]) -> list[JSON]:
                 "identity": identity.to_json() if identity is not None else None,
                 "short": identity.short if identity is not None else "pending",
                 "status": status, "differences": reasons, "damage": damage_of(holder),
+                "version": holder.entry.version, "version_state": version.get("state"),
+                "version_status": copy.get("status"), "version_pending": version.get("pending"),
+                "current": reference is not None and identity == reference,
                 "scrub": scrub if isinstance(scrub, Mapping) else None,
                 "settings": own,
                 "settings_differ": sorted(k for k in own if own[k] != settings[k]),
@@ -151,7 +158,7 @@ def replication_report(holders: Iterable[Holder]) -> list[JSON]:
         failover = balance.failover_allowed(replica_of(group[0].entry))
         report.append({
             "name": name,
-            "versions": versions_report(group),
+            "versions": versions,
             "reference": reference.to_json() if reference is not None else None,
             "reference_short": reference.short if reference is not None else None,
             "settings": settings,

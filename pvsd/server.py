@@ -171,6 +171,15 @@ class StreamServer:
         if session in self.sessions:
             self.sessions.discard(session)
             self._bytes_done += session.bytes_read + session.bytes_written
+            if session.vdisk is not None:
+                self.targets_changed()
+
+    def targets_changed(self) -> None:
+        """A target came or went: peers hear our new count within a few tens of ms, not at
+        the next heartbeat, so that a burst of logins is spread by what each server really
+        carries (and rebalancing reads the same)."""
+        if self.site is not None:
+            self.site.heartbeat_soon()
 
     def place(
         self, login: ev.Login, session: Session

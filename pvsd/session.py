@@ -371,6 +371,7 @@ class Session(asyncio.Protocol):
         self._stat_at_login = (vdisk.stat.size, vdisk.stat.mtime_ns, vdisk.stat.ctime_ns)
         self._log = self._log.bind(device=login.device_id, vdisk=vdisk.name)
         self.send(reply)
+        self.server.targets_changed()
         self._arm_timer(self.server.config.idle_timeout)
         self._log.info(
             "target_logged_in", session=f"{reply.session_id:016x}",

@@ -27,6 +27,9 @@ from pvsd.config import Config, parse_address
 
 log = structlog.get_logger("pvsd.site")
 
+HEARTBEAT_COALESCE = 0.05
+"""A change of our target count is sent after this long, with whatever else changed by then."""
+
 
 @dataclasses.dataclass
 class Peer:
@@ -79,6 +82,7 @@ class Site(asyncio.DatagramProtocol):
         self._last_chunks: list[co.InventoryChunk] = []
         self._placed: dict[str, list[float]] = collections.defaultdict(list)
         self._transport: asyncio.DatagramTransport | None = None
+        self._soon: asyncio.TimerHandle | None = None
         self._targets = [parse_address(p) for p in config.peers]
         self._subnets = _subnets(config)
 
@@ -98,11 +102,25 @@ class Site(asyncio.DatagramProtocol):
                 self._tick(time.monotonic())
                 await asyncio.sleep(self.config.heartbeat_interval)
         finally:
+            if self._soon is not None:
+                self._soon.cancel()
+                self._soon = None
             self._transport.close()
 
     def announce(self) -> None:
         """Our state changed (stopping, stopped, serving): tell the peers now, not next tick."""
         if self._transport is not None:
+            self._tick(time.monotonic())
+
+    def heartbeat_soon(self) -> None:
+        """Our load changed: send a heartbeat shortly, once for a burst of changes."""
+        if self._transport is None or self._soon is not None:
+            return
+        self._soon = asyncio.get_running_loop().call_later(HEARTBEAT_COALESCE, self._beat_now)
+
+    def _beat_now(self) -> None:
+        self._soon = None
+        if self._transport is not None and not self._transport.is_closing():
             self._tick(time.monotonic())
 
     def inventory_changed(self) -> None:

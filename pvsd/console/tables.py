@@ -48,9 +48,10 @@ def vdisks_table(vdisks: Sequence[Mapping[str, Any]]) -> Table:
     """One replication screen: per vDisk a row per server holding it."""
     table = Table(
         "vDisk", "Server", "Identity", "Status", "Scrub", "Settings", "Failover",
-        caption="status is against the reference manifest: the highest version, then the newest, "
-        "among copies that are not damaged; a damaged copy is never served: copy the image and "
-        "its manifest from a server showing identical over it", caption_justify="left",
+        caption="status is against the copy new targets get (pvsctl vdisk versions: what each "
+        "version is); 'version N (state)' is a good copy of another version; a damaged copy is "
+        "never served: copy the image and its manifest from a server showing identical over it",
+        caption_justify="left",
     )
     for index, vdisk in enumerate(vdisks):
         if index:
@@ -136,6 +137,12 @@ def duration(seconds: float) -> str:
 def _status(replica: Mapping[str, Any]) -> Text:
     status = str(replica.get("status"))
     label = status
+    if status == "different" and replica.get("version_status") == "identical":
+        # a good copy of another version than the one new targets get: not a fault
+        state = str(replica.get("version_state"))
+        if replica.get("version_pending"):
+            state += ", pending"
+        return Text(f"version {replica.get('version')} ({state})", style="cyan")
     if status == "different":
         label += f" ({', '.join(replica.get('differences', ()))})"
     elif status == "pending":

@@ -82,7 +82,8 @@ def _versions(args: argparse.Namespace) -> None:
         table.add_row(
             str(row.get("version")), state, str(row.get("short") or "-"),
             ", ".join(row.get("holders", [])) or "-",
-            ", ".join([*row.get("lacking", []), *odd]) or "-",
+            ", ".join([*(row.get("lacking", []) if row.get("state") != "maintenance" else []),
+                       *odd]) or "-",
             str(row.get("targets", 0)),
         )
     Console(width=120).print(table)

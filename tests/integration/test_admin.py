@@ -243,8 +243,9 @@ def test_copies_are_identical_until_one_is_damaged_then_another_version(site: Si
     assert gold["reference"]["version"] == 2 and gold["failover_candidates"] == ["s3"]
     s1 = next(r for r in gold["replicas"] if r["server"] == "s1")
     assert s1["differences"] == ["version", "timestamp"], s1
+    assert s1["version_status"] == "identical", "a good copy of version 1, not a fault"
     table = site.pvsctl("vdisks", index=1)
-    assert "different (version, timestamp)" in table.stdout, table.stdout
+    assert "version 1 (production)" in table.stdout, table.stdout
 
 
 # -- targets ---------------------------------------------------------------------------------
