@@ -175,8 +175,10 @@ def versions_report(holders: list[Holder]) -> list[JSON]:
     """Per version, newest first: its state, the copy targets get, whether it is pending
     (and which serving servers lack it), and every server's copy of it."""
     vdisk = holders[0].entry.vdisk
+    views = views_of(holders)
+    current = balance.wanted_identity(views, vdisk)
     rows = []
-    for status in balance.versions_of(views_of(holders), vdisk):
+    for status in balance.versions_of(views, vdisk):
         copies = {}
         for holder in holders:
             if holder.entry.version != status.version:
@@ -190,7 +192,10 @@ def versions_report(holders: list[Holder]) -> list[JSON]:
             "version": status.version, "state": str(status.state),
             "identity": status.identity.to_json() if status.identity is not None else None,
             "short": status.identity.short if status.identity is not None else None,
-            "pending": status.pending and status.state is VersionState.production,
+            # pending: a production version newer than the one targets get, held back
+            # because some serving server lacks it
+            "pending": status.pending and status.state is VersionState.production
+            and (current is None or status.version > current.version),
             "holders": list(status.holders), "lacking": list(status.lacking),
             "copies": dict(sorted(copies.items())),
         })
