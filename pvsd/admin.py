@@ -37,7 +37,7 @@ from pvsd.admin_common import ApiError, vdisk_name
 from pvsd.admin_rebalance import RebalanceApi
 from pvsd.admin_replication import ReplicationApi
 from pvsd.admin_versions import VersionsApi
-from pvsd.config import Config, ConfigError, format_address, parse_address
+from pvsd.config import Config, format_address, parse_address
 from pvsd.manifest import manifest_path, write_manifest
 from pvsd.properties import (
     PropertiesError,
@@ -254,7 +254,7 @@ class AdminServer:
         for peer in site.peers.values() if site is not None else ():
             if not peer.up:
                 errors.append({
-                    "server": peer.name, "admin_address": _peer_admin(peer) or "",
+                    "server": peer.name, "admin_address": peer.admin_address or "",
                     "error": f"{peer.name} is down (not heard for {_silent_for(peer):.0f} s)",
                 })
         targets.sort(key=lambda t: (str(t.get("server")), str(t.get("device_id"))))
@@ -592,7 +592,7 @@ class AdminServer:
             beat = peer.heartbeat
             servers.append({
                 "name": peer.name, "self": False, "heard": True,
-                "stream_address": beat.stream_address, "admin_address": _peer_admin(peer) or "",
+                "stream_address": beat.stream_address, "admin_address": peer.admin_address or "",
                 "state": _peer_state(peer), "up": peer.up, "power": beat.power,
                 "targets": beat.targets, "load": round(beat.targets / (beat.power or 1.0), 3),
                 "bytes_per_second": beat.bytes_per_second,
@@ -694,14 +694,14 @@ class AdminServer:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(ask(peer)) for peer in peers]
         return [
-            (peer.name, _peer_admin(peer) or "", task.result())
+            (peer.name, peer.admin_address or "", task.result())
             for peer, task in zip(peers, tasks, strict=True)
         ]
 
     async def _peer_request(
         self, peer: Peer, method: str, path: str, body: bytes, timeout: float
     ) -> JSON:
-        address = _peer_admin(peer)
+        address = peer.admin_address
         if not address:
             raise PeerError(f"{peer.name} announces no admin API: start its pvsd with --admin")
         return await self._request(peer.name, address, method, path, body, timeout)
@@ -843,23 +843,6 @@ def _peer_state(peer: Peer) -> str:
     if not peer.up:
         return "down"
     return peer.heartbeat.state.name.lower()
-
-
-def _peer_admin(peer: Peer) -> str | None:
-    """The peer's admin address; a wildcard host is replaced by the address it sends from."""
-    address = peer.heartbeat.admin_address
-    if not address:
-        return None
-    try:
-        host, port = parse_address(address)
-    except ConfigError:
-        return None
-    try:
-        if ipaddress.ip_address(host).is_unspecified:
-            host = str(peer.source[0])
-    except ValueError:
-        pass  # a host name
-    return format_address(host, port)
 
 
 def _silent_for(peer: Peer) -> float:

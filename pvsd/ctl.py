@@ -5,10 +5,10 @@ Every command group registers its subcommands in one ``_add_*_commands`` functio
 version ...`` (`pvsd.console.versions`) and ``vdisk replicate`` / ``replication``
 (`pvsd.console.replicate`); the site-wide commands (servers, vdisks, targets, stop-stream,
 start-stream, site) are in `pvsd.console.commands`, ``rebalance`` in `pvsd.console.rebalance`.
-All of those talk to any server's admin API (``--admin HOST:PORT --key-file FILE``). A handler takes the parsed arguments
-and returns (None or an exit code: ``vdisk verify`` returns 1 for a damaged copy) or raises
-`UserError`. `main` turns user errors into one line on stderr and exit code 2, because a
-traceback tells an administrator nothing they can act on.
+All of those talk to any server's admin API (``--admin HOST:PORT --key-file FILE``). A handler
+takes the parsed arguments and returns (None or an exit code: ``vdisk verify`` returns 1 for a
+damaged copy) or raises `UserError`. `main` turns user errors into one line on stderr and exit
+code 2, because a traceback tells an administrator nothing they can act on.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import ipaddress
 import json
 import os
 import time
@@ -51,7 +50,7 @@ from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
 from pvs_protocol.modes import VersionState
 from pvsd import admin_auth
 from pvsd import transfer as tr
-from pvsd.config import Config, ConfigError, format_address, parse_address
+from pvsd.config import Config
 from pvsd.identity import StatKey, Verified, write_verified
 from pvsd.manifest import write_manifest
 from pvsd.names import InvalidName, validate_name
@@ -63,7 +62,6 @@ from pvsd.properties import (
     write_atomically,
 )
 from pvsd.server import StreamServer
-from pvsd.site import Peer
 from pvsd.store import ImageFile, Store, VDisk
 from pvsd.versions import image_file
 
@@ -455,7 +453,7 @@ class Replicator:
                 names.append(job.record.source)
             for name in names:
                 peer = site.peers.get(name) if site is not None else None
-                address = admin_address(peer) if peer is not None and peer.up else None
+                address = peer.admin_address if peer is not None and peer.up else None
                 if address:
                     return name, address
             if not job.resumed or time.monotonic() > deadline:
@@ -697,23 +695,6 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 class _Transient(Exception):
     """A request that may succeed if sent again."""
-
-
-def admin_address(peer: Peer) -> str | None:
-    """The peer's admin address; a wildcard host is replaced by the address it sends from."""
-    address = peer.heartbeat.admin_address
-    if not address:
-        return None
-    try:
-        host, port = parse_address(address)
-    except ConfigError:
-        return None
-    try:
-        if ipaddress.ip_address(host).is_unspecified:
-            host = str(peer.source[0])
-    except ValueError:
-        pass  # a host name
-    return format_address(host, port)
 
 
 # -- blocking file work (worker threads) --------------------------------------------------------

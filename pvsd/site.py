@@ -23,7 +23,7 @@ from pvs_protocol import coordination as co
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity, VersionState
 from pvsd.balance import Network, Replica, ServerView
-from pvsd.config import Config, parse_address
+from pvsd.config import Config, ConfigError, format_address, parse_address
 
 log = structlog.get_logger("pvsd.site")
 
@@ -47,6 +47,24 @@ class Peer:
     partial_generation: int = -1
     epoch: int = 0
     """The peer's process start: a new one restarts its inventory generations."""
+
+    @property
+    def admin_address(self) -> str | None:
+        """The peer's admin address; a wildcard host is replaced by the address it sends
+        from. None when it announces none (or one that cannot be parsed)."""
+        address = self.heartbeat.admin_address
+        if not address:
+            return None
+        try:
+            host, port = parse_address(address)
+        except ConfigError:
+            return None
+        try:
+            if ipaddress.ip_address(host).is_unspecified:
+                host = str(self.source[0])
+        except ValueError:
+            pass  # a host name
+        return format_address(host, port)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
