@@ -532,17 +532,16 @@ class StreamServer:
             self._rate = int((total - self._rate_sample[1]) / elapsed)
             self._rate_sample = (now, total)
         replicas = {}
-        for name in self.catalog.names():
-            for version, vdisk in self.catalog.versions(name).items():
-                r = self.replica(vdisk)
-                # a stalled store's replicas are not served: no identity while it is stalled
-                identity = None if self.stalls.stalled(vdisk.store.path) else r.identity
-                replicas[name, version] = replica_entry(
-                    name, identity, mode=r.mode, maintenance=r.maintenance,
-                    load_balancing=r.load_balancing, fixed_server=r.fixed_server,
-                    affinity=r.affinity, shared=r.shared, damage=vdisk.damage,
-                    version=version, state=r.state,
-                )
+        for (name, version), vdisk in sorted(self.catalog.by_version().items()):
+            r = self.replica(vdisk)
+            # a stalled store's replicas are not served: no identity while it is stalled
+            identity = None if self.stalls.stalled(vdisk.store.path) else r.identity
+            replicas[name, version] = replica_entry(
+                name, identity, mode=r.mode, maintenance=r.maintenance,
+                load_balancing=r.load_balancing, fixed_server=r.fixed_server,
+                affinity=r.affinity, shared=r.shared, damage=vdisk.damage,
+                version=version, state=r.state,
+            )
         return LocalState(
             serving=_SITE_STATE[self.state],
             targets=sum(1 for s in self.sessions if s.streaming),

@@ -410,13 +410,21 @@ class Catalog(Mapping[str, VDisk]):
     def versions(self, name: str) -> dict[int, VDisk]:
         """Every version of vDisk ``name`` served here, by number (a plain ``NAME.img`` and a
         ``NAME@N.img`` of the same number: the versioned file wins)."""
-        found: dict[int, VDisk] = {}
-        for vdisk in self._view.values():
-            if vdisk.name == name and (
-                vdisk.version not in found or vdisk.file_version is not None
-            ):
-                found[vdisk.version] = vdisk
+        found = {v: d for (n, v), d in self.by_version(lambda vdisk: vdisk.name == name).items()}
         return dict(sorted(found.items()))
+
+    def by_version(
+        self, wanted: Callable[[VDisk], bool] = lambda _vdisk: True
+    ) -> dict[tuple[str, int], VDisk]:
+        """(vDisk, version) -> the copy served, in one pass over the catalog."""
+        found: dict[tuple[str, int], VDisk] = {}
+        for vdisk in self._view.values():
+            if not wanted(vdisk):
+                continue
+            key = (vdisk.name, vdisk.version)
+            if key not in found or vdisk.file_version is not None:
+                found[key] = vdisk
+        return found
 
     def replica(self, name: str, version: int) -> VDisk | None:
         return self.versions(name).get(version)
