@@ -587,6 +587,10 @@ class Lab:
         via = self._admin_via(avoid=name)
         return self.pvsctl(f"{action}-stream", name, via=via, timeout=90)
 
+    def site_command(self, *args: str, timeout: float = 120) -> str:
+        """A site-wide pvsctl command, run in a server namespace against its admin API."""
+        return self.pvsctl(*args, via=self._admin_via(), timeout=timeout)
+
     def _admin_via(self, avoid: str = "") -> Host:
         candidates = [
             s for s in self.state.servers

@@ -125,7 +125,7 @@ class VersionsApi:
                          f"{statuses[max(newer)].state} already: promoting version {number} "
                          "would put an older version above it; delete it, or promote the "
                          "newest")
-        targets, errors = await self.admin.site_targets()
+        targets, errors = await self.site_targets()
         if status.state is VersionState.maintenance:
             writers = [t for t in targets if t.get("vdisk") == name and t.get("version") == number]
             if writers:
@@ -184,7 +184,7 @@ class VersionsApi:
         if chosen.state is not VersionState.production:
             raise _error(409, f"version {base} of {name} is in {chosen.state}: only a "
                          "production version can become the base; promote it first")
-        targets, errors = await self.admin.site_targets()
+        targets, errors = await self.site_targets()
         if errors:
             raise _error(503, f"cannot tell which versions are in use: {errors[0]['error']}; "
                          "try again once every server answers")
@@ -325,8 +325,16 @@ class VersionsApi:
             row["devices"] = sorted(str(t.get("device_id")) for t in users)
         return rows
 
-    async def _refuse_in_use(self, name: str, versions: list[int]) -> None:
+    async def site_targets(self) -> tuple[list[JSON], list[JSON]]:
+        """The site's targets, and the servers that are up but did not say which they serve.
+        A server declared down serves nobody (its targets have moved, or cannot reach it):
+        it does not hold a version change back; it keeps what it had, and the least released
+        state counts when it is back."""
         targets, errors = await self.admin.site_targets()
+        return targets, [error for error in errors if not error.get("down")]
+
+    async def _refuse_in_use(self, name: str, versions: list[int]) -> None:
+        targets, errors = await self.site_targets()
         users = [t for t in targets if t.get("vdisk") == name and t.get("version") in versions]
         if users:
             raise _error(409, f"version {users[0].get('version')} of {name} is in use by "

@@ -136,6 +136,14 @@ def main() -> int:
     moved_to, new_address = streaming_server()
     print(f"the target now streams from {moved_to} at {new_address}")
 
+    say("A new version while the target streams: made, promoted, copied to every server")
+    for command in (("vdisk", "version", "new", "demo"),
+                    ("vdisk", "version", "promote", "demo", "--to", "production"),
+                    ("vdisk", "replicate", "demo", "--all"),
+                    ("vdisk", "versions", "demo")):
+        run(pvsctl, *admin, *command)
+    print("the running target keeps version 1 until it boots again; new logins get version 2")
+
     say(f"Kill {moved_to} (SIGKILL), as a crash would")
     pid = next(p.pid for p in processes if f"--name {moved_to}" in " ".join(map(str, p.args)))
     os.kill(pid, signal.SIGKILL)
@@ -176,7 +184,7 @@ def lab_usable() -> bool:
 
 def lab_main() -> int:
     sys.path.insert(0, str(ROOT / "deploy"))
-    from lab import Lab
+    from lab import VDISK, Lab
 
     lab = Lab(WORK / "lab", servers=3, targets=4, subnets=2, size=64 * 1024 * 1024)
     try:
@@ -197,6 +205,14 @@ def lab_main() -> int:
         time.sleep(2.0)
         lab.restore(first["name"])
         show_lab(lab)
+        say("A new version while the targets stream: made, promoted, copied to every server")
+        for command in (("vdisk", "version", "new", VDISK),
+                        ("vdisk", "version", "promote", VDISK, "--to", "production"),
+                        ("vdisk", "replicate", VDISK, "--all"),
+                        ("vdisk", "versions", VDISK)):
+            print(f"$ pvsctl {' '.join(command)}")
+            print(lab.site_command(*command).rstrip())
+        print("running targets keep version 1 until they boot again; new logins get version 2")
         run(str(BIN / "pvs-target"), "status", "--control", str(lab.control(lab.host("t1"))))
         say("The readers' verdict (each read the whole vDisk through its NBD export)")
         reports = lab.stop_readers()
