@@ -160,6 +160,10 @@ class Children:
                 print(f"could not stop {child.name} (pid {child.pid}): {error}", file=sys.stderr)
 
 
+ONE_SOURCE = ("--max-connections-per-source", "100000")
+"""Every simulated target of a benchmark connects from the same loopback address, where a real
+site has one machine per address: lift pvsd's per-source cap for them."""
+
 @contextlib.contextmanager
 def children(logs: Path, environment: dict[str, str]) -> Iterator[Children]:
     registry = Children(logs, environment)
@@ -202,7 +206,7 @@ def start_pvsd(
     identity of vDisk ``bench`` (hashing a fresh 1 GiB image takes a few seconds)."""
     command = [
         sys.executable, "-m", "pvsd", "--name", name, "--listen", address, "--store", str(store),
-        "--log-json", "--log-level", "info", *extra,
+        "--log-json", "--log-level", "info", *ONE_SOURCE, *extra,
     ]
     child = registry.start(name, command)
     child.wait_for_log("listening", timeout)
@@ -254,7 +258,8 @@ class Site:
             ]
             command = [
                 sys.executable, "-m", "pvsd", "--name", name, "--listen", self.addresses[name],
-                "--store", str(self.stores[name]), "--log-json", "--log-level", "info", *extra,
+                "--store", str(self.stores[name]), "--log-json", "--log-level", "info",
+                *ONE_SOURCE, *extra,
             ]
             self.servers[name] = self.registry.start(f"{self.label}-{name}", command)
         for server in self.servers.values():

@@ -40,19 +40,18 @@ from typing import Any
 
 from profile_summary import Profile, find_py_spy, print_profiles, summarize
 
+from pvs_protocol import sizes
+
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "pvs_client.py"
 MIB = 1 << 20
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 Measurement = dict[str, Any]
 """One raw result: at least ``value`` (MB/s or IOPS) and ``tool``."""
 
 
 def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = text[-1:] if text[-1:] in _UNITS else ""
-    size = int(text.removesuffix(unit) or "0") * _UNITS[unit]
+    size = sizes.parse_size(text)
     if size < MIB or size % MIB:
         raise argparse.ArgumentTypeError("size must be a whole number of MiB, at least 1M")
     return size

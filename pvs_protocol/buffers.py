@@ -81,9 +81,16 @@ class _Transport(Protocol):
     def get_write_buffer_size(self) -> int: ...
 
 
+CHECK_INTERVAL = 0.01
+CHECK_INTERVAL_MAX = 0.16
+"""While a transport holds bytes it is looked at every 10 ms, then less often (up to every
+160 ms) while nothing changes: a peer that never reads costs a few checks a second, not 100."""
+
+
 class Lent:
     """Pool buffers written to one transport, given back (``give``: a pool's or a backend's)
-    as soon as the transport has handed them to the kernel.
+    as soon as the transport has handed them to the kernel; and, for a server-wide budget,
+    how many bytes the transport still holds (``unsent``).
 
     A transport writes in order and ``get_write_buffer_size`` says how much it still holds,
     so with every byte written counted here, a buffer whose last byte lies before that tail
@@ -91,11 +98,17 @@ class Lent:
     looked at on the loop turn after a write (uvloop writes at the end of a turn), and every
     10 ms while buffers remain. At most ``limit`` bytes are remembered; older ones are left
     to the GC, so a peer that stops reading costs no more memory than without a pool.
+
+    ``unsent(size)``, when given, hears the bytes the transport holds: at each write what it
+    held at the last look plus what was written since (uvloop keeps all of it until the end of
+    the loop turn), and at each look the real figure when it changed; the transport is looked
+    at again while it holds anything.
     """
 
     def __init__(
         self, give: Callable[[list[object]], None], transport: _Transport,
         loop: asyncio.AbstractEventLoop, limit: int = 8 * 1024 * 1024,
+        unsent: Callable[[int], None] | None = None,
     ) -> None:
         self._give = give
         self._transport = transport
@@ -106,6 +119,17 @@ class Lent:
         self._bytes = 0
         self._check_due = False
         self._timer: asyncio.TimerHandle | None = None
+        self._unsent_to = unsent
+        self._unsent = 0
+        """What the transport held at the last look."""
+        self._since = 0
+        """Bytes written since the last look."""
+        self._interval = CHECK_INTERVAL
+
+    @property
+    def unsent(self) -> int:
+        """Bytes the transport held at the last look, plus those written since."""
+        return self._unsent + self._since
 
     @property
     def holding(self) -> int:
@@ -114,13 +138,18 @@ class Lent:
 
     def wrote(self, buffers: Iterable[Buffer]) -> None:
         """Count what was just written to the transport (every write, in order)."""
+        before = self._total
         for buffer in buffers:
             size = len(buffer)
             self._total += size
             if type(buffer) is PoolBuffer:
                 self._held.append((self._total, buffer))
                 self._bytes += size
-        if not self._held:
+        if self._unsent_to is not None:
+            self._since += self._total - before
+            self._interval = CHECK_INTERVAL
+            self._unsent_to(self._unsent + self._since)
+        elif not self._held:
             return
         while self._bytes > self._limit:
             self._bytes -= len(self._held.popleft()[1])
@@ -130,7 +159,8 @@ class Lent:
 
     def _check(self) -> None:
         self._check_due = False
-        sent = self._total - self._transport.get_write_buffer_size()
+        waiting = self._transport.get_write_buffer_size()
+        sent = self._total - waiting
         held = self._held
         free: list[object] = []
         while held and held[0][0] <= sent:
@@ -139,9 +169,27 @@ class Lent:
             free.append(buffer)
         if free:
             self._give(free)
-        if held and self._timer is None:  # in case nothing more is written for a while
-            self._timer = self._loop.call_later(0.01, self._on_timer)
+        if self._unsent_to is not None:
+            changed = self._since or waiting != self._unsent
+            self._unsent, self._since = waiting, 0
+            if changed:
+                self._unsent_to(waiting)
+            if not free and not changed:  # a peer that does not read: look less often
+                self._interval = min(2 * self._interval, CHECK_INTERVAL_MAX)
+        if (held or self._unsent) and self._timer is None:  # nothing more may be written
+            self._timer = self._loop.call_later(self._interval, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._check()
+
+    def close(self) -> None:
+        """The transport is gone: stop looking at it (what it held is reported as 0)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held.clear()
+        self._bytes = 0
+        if self._unsent_to is not None and (self._unsent or self._since):
+            self._unsent = self._since = 0
+            self._unsent_to(0)

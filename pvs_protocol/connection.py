@@ -14,6 +14,12 @@ Rules, in one place:
   ends the connection.
 Any breach by the peer raises ``RemoteProtocolError``; any breach by us ``LocalProtocolError``.
 The connection never reads a clock: timeouts belong to the I/O layer.
+
+Nothing is allocated for a frame before it is accepted: a header is checked (and, for a block
+frame, its request: id, in-flight count, the length a READ_DATA answers) before its payload is
+waited for, and a WRITE the server's ``screen`` refuses (a read-only session) is answered at
+once and its data dropped unread as it arrives. A peer announcing lengths it never sends costs
+a few bytes of header, not a buffer of the announced size.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ _FRAME_TYPES = {kind.value: kind for kind in wire.FrameType}
 DIRECT_MIN = 64 * 1024
 """Block frames at least this long get a data buffer of their own (``receive_buffer``); for
 smaller ones a copy out of the shared receive buffer costs less than a system call more."""
+_OFFSET = struct.Struct(">Q")
+Screen = Callable[[int, int, int], ev.Error | None]
+"""``screen(request_id, offset, length)``: an ERROR refusing a WRITE before its data, or None."""
 _REQUESTS = (ev.Read, ev.Write, ev.Flush)
 _REPLIES = (ev.ReadData, ev.Done, ev.Error)
 
@@ -92,13 +101,27 @@ class Connection:
     """Bytes in, events out, for one side of one connection."""
 
     def __init__(
-        self, role: Role, *, allocate: Callable[[int], bytearray] = bytearray
+        self, role: Role, *, allocate: Callable[[int], bytearray] = bytearray,
+        screen: Screen | None = None,
     ) -> None:
         """``allocate(size)`` makes the buffers large block data is received into (a pool's
-        ``take``: their old contents are overwritten before anyone sees them)."""
+        ``take``: their old contents are overwritten before anyone sees them).
+
+        ``screen(request_id, offset, length)`` (server side) is asked about each WRITE once
+        its header and offset have arrived, before any of its data is kept: the ERROR it
+        returns refuses the request (``next_event`` returns that ERROR for the I/O layer to
+        send, and the data is dropped as it arrives); None admits it. Only the session knows
+        why a write cannot be served (a read-only session, a range past the end); without a
+        screen every WRITE is received whole.
+        """
         self.role = role
         self._peer = _other(role)
         self._allocate = allocate
+        self._screen = screen
+        self._screened = False
+        """The WRITE at the head of the receive buffer was admitted by ``screen``."""
+        self._discard = 0
+        """Bytes of a refused WRITE's data still to drop as they arrive."""
         self.phase = Phase.HELLO
         self.max_request = 0
         self.max_in_flight = 0
@@ -125,6 +148,10 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken or self.phase is Phase.CLOSED:  # nothing will read it
             return
+        if self._discard:  # the data of a refused WRITE: never kept
+            dropped = min(self._discard, len(data))
+            self._discard -= dropped
+            data = data[dropped:]
         if self._block is not None:  # the block data being gathered comes first
             room = len(self._data) - self._filled
             if room:
@@ -193,6 +220,10 @@ class Connection:
             raise RemoteProtocolError(
                 ErrorCode.TOO_LARGE, f"{kind.name} of {length} bytes exceeds limit {limit}"
             )
+        if kind in _BLOCK_FRAMES and self.phase is Phase.STREAMING:
+            refusal = self._accept_block(kind, request_id, length)
+            if refusal is not None:
+                return refusal
         end = wire.HEADER_SIZE + length
         if len(self._buffer) < end:
             if kind in _BLOCK_FRAMES and length >= DIRECT_MIN and self.phase is Phase.STREAMING:
@@ -202,8 +233,52 @@ class Connection:
         with memoryview(self._buffer) as view, view[wire.HEADER_SIZE : end] as payload:
             event = wire.decode(kind, flags, request_id, payload, self.checksum)
         del self._buffer[:end]
+        self._screened = False
         self._check_received(event)
         return event
+
+    def _accept_block(
+        self, kind: wire.FrameType, request_id: int, length: int
+    ) -> ev.Error | None:
+        """Once a block frame's header and prefix (checksum or offset) are in, and before
+        anything is allocated for its data: the request rules they already show (raising
+        what decoding the frame whole would raise), then the screen's verdict on a WRITE;
+        None to receive the data."""
+        start = wire.HEADER_SIZE + wire.BLOCK_PREFIX[kind]
+        if len(self._buffer) < start or self._screened:
+            return None  # only the header is kept meanwhile
+        if kind is wire.FrameType.READ_DATA:
+            expected = self._outstanding.get(request_id)
+            if expected is None:
+                raise RemoteProtocolError(
+                    ErrorCode.MALFORMED, f"reply to unknown request {request_id}"
+                )
+            if length - wire.BLOCK_PREFIX[kind] != expected:
+                raise RemoteProtocolError(
+                    ErrorCode.MALFORMED,
+                    f"READ_DATA {request_id} carries {length - wire.BLOCK_PREFIX[kind]} "
+                    f"bytes, {expected} were asked",
+                )
+            return None
+        try:
+            self._check_request_id(request_id)
+        except LocalProtocolError as error:
+            raise RemoteProtocolError(error.code, error.message) from None
+        if length <= wire.BLOCK_PREFIX[kind] or self._screen is None:
+            return None  # no data: MALFORMED once decoded
+        (offset,) = _OFFSET.unpack_from(self._buffer, wire.HEADER_SIZE)
+        data_length = length - wire.BLOCK_PREFIX[kind]
+        refusal = self._screen(request_id, offset, data_length)
+        if refusal is None:
+            self._screened = True
+            return None
+        if refusal.request_id != request_id:
+            raise ValueError(f"screen answered request {refusal.request_id}, not {request_id}")
+        end = wire.HEADER_SIZE + length
+        self._discard = max(0, end - len(self._buffer))
+        del self._buffer[:end]
+        self._outstanding[request_id] = -1  # open: the ERROR returned answers it
+        return refusal
 
     def _start_block(self, kind: wire.FrameType, flags: int, request_id: int, length: int) -> None:
         """Gather a large block frame's data in a buffer of its own, which becomes the event's
@@ -217,6 +292,7 @@ class Connection:
         have = len(self._buffer) - start
         self._data[:have] = memoryview(self._buffer)[start:]
         self._buffer.clear()
+        self._screened = False  # the next frame is screened afresh
         self._filled = have
         self._block = (kind, flags, request_id, prefix)
 
@@ -339,14 +415,17 @@ class Connection:
         self.checksum = reply.checksum
         self.phase = Phase.LOGIN
 
-    def _open_request(self, request: ev.Read | ev.Write | ev.Flush | ev.Digests) -> None:
-        rid = request.request_id
+    def _check_request_id(self, rid: int) -> None:
         if rid == 0 or rid in self._outstanding:
             raise LocalProtocolError(ErrorCode.MALFORMED, f"request id {rid} zero or in use")
         if len(self._outstanding) >= self.max_in_flight:
             raise LocalProtocolError(
                 ErrorCode.TOO_LARGE, f"more than {self.max_in_flight} requests in flight"
             )
+
+    def _open_request(self, request: ev.Read | ev.Write | ev.Flush | ev.Digests) -> None:
+        rid = request.request_id
+        self._check_request_id(rid)
         expected = -1
         if isinstance(request, ev.Read):
             if request.length == 0:
@@ -394,4 +473,4 @@ def _other(role: Role) -> Role:
     return Role.SERVER if role is Role.CLIENT else Role.CLIENT
 
 
-__all__ = ["Connection", "Phase", "ProtocolError", "Role", "negotiate"]
+__all__ = ["Connection", "Phase", "ProtocolError", "Role", "Screen", "negotiate"]

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import re
 import socket
 import sys
@@ -27,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-import structlog
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,21 +37,24 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from pvs_protocol.addresses import STREAM_PORT, parse_address
 from pvs_protocol.identity import ReplicaIdentity
-from pvs_target.address import parse_address
 from pvs_target.attach import add_commands
 from pvs_target.client import ClientError, Session, read_range
 from pvs_target.failover import FailoverSettings, GaveUp, VDiskStream
+from pvs_target.logs import configure_logging
 from pvs_target.loop import loop_name, run
-from pvs_target.units import parse_size
+from pvs_target.notation import NOTATION
+from pvs_target.units import positive_size
 from pvs_target.verify import ReadVerifier
+from pvsd.version import add_version_option
 
 EXIT_OK, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         code: int = args.handler(args)
     except KeyboardInterrupt:
@@ -62,20 +63,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also what the pvs-target(8) man page is made from)."""
     parser = argparse.ArgumentParser(
-        prog="pvs-target", description="Attach and read vDisks streamed by pvsd."
+        prog="pvs-target", description="Attach and read vDisks streamed by pvsd.",
+        epilog=NOTATION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log to stderr (-v info, -vv debug)"
     )
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    add_version_option(parser)  # the same --version as pvsd's and pvsctl's
+    commands = parser.add_subparsers(
+        title="commands", dest="command", required=True, metavar="COMMAND"
+    )
 
     read = commands.add_parser(
         "read", help="copy a whole vDisk, checking every block against its manifest",
         description="Stream a whole vDisk and check every block as it arrives against the "
         "manifest whose root the login pinned; a server that sends a bad block is told, "
         "dropped, and the rest is read from another server.",
+        epilog=NOTATION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     read.add_argument(
         "--server", action="append", required=True, type=_address, metavar="HOST:PORT",
@@ -94,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         help="requests in flight (the server may allow fewer; default %(default)s)",
     )
     read.add_argument(
-        "--chunk", type=parse_size, default=1 << 20, metavar="SIZE",
+        "--chunk", type=positive_size, default=1 << 20, metavar="SIZE",
         help="bytes per request, e.g. 256K or 1M (the server may cap it; default 1M)",
     )
     read.add_argument(
@@ -368,10 +375,8 @@ def default_device_id() -> str:
 
 
 def _address(text: str) -> str:
-    try:
-        return str(parse_address(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    """A login server, as ``HOST:PORT`` (the stream port when none is given)."""
+    return str(parse_address(text, default_port=STREAM_PORT, any_port=False))
 
 
 def _positive(text: str) -> int:
@@ -387,16 +392,6 @@ def _positive(text: str) -> int:
 def _error(message: str) -> int:
     print(f"pvs-target: error: {message}", file=sys.stderr)
     return EXIT_FAILED
-
-
-def _configure_logging(verbosity: int) -> None:
-    # Failures are reported as one line by the command itself; logs are for -v.
-    level = logging.ERROR if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ that fits only in part is refused whole. Zeroing and trimming never need space.
 TRIM is served as zeroing: the base below is read-only, so a trimmed range cannot "go back" to
 anything but a defined value, and the overlay records zeroes. After ``trim`` (like after
 ``zero``), reads of that range return zeroes.
+
+A full cache fails the machine's writes with ENOSPC, which qemu answers by pausing the guest
+(``werror=stop``) with no word anywhere: so filling is logged, once as use passes 80 %, 90 %
+and 100 % of the limit (100 %: also a write refused for lack of room), and again after use has
+fallen ``REARM_POINTS`` below that level (trimming, zeroing) and passes it once more.
+``fill_levels`` says which levels a use has passed; ``status()`` and the attributes ``used``,
+``limit``, ``percent``, ``refused_writes`` are what status and metrics show.
 """
 
 from __future__ import annotations
@@ -34,11 +41,39 @@ import os
 import tempfile
 from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+import structlog
+
+log = structlog.get_logger("pvs_target.cache")
 
 Data = bytes | bytearray | memoryview
 BaseRead = Callable[[int, int], Awaitable[Data]]
 CacheKind = Literal["ram", "file", "ram+overflow"]
+
+
+FILL_LEVELS = (80, 90, 100)
+"""Percentages of the limit whose crossing is logged (100: full, or a write refused)."""
+REARM_POINTS = 5
+"""A level is logged again only after use has fallen this many points below it: a cache
+hovering at a level does not log at every write and trim."""
+
+
+def fill_levels(used: int, limit: int, *, refused: bool = False) -> frozenset[int]:
+    """The levels of ``FILL_LEVELS`` that ``used`` bytes of ``limit`` have reached; a write
+    refused for lack of room is 100 % whatever the pages say (the last free bytes may be too
+    few for it)."""
+    reached = {level for level in FILL_LEVELS if used * 100 >= level * limit}
+    if refused:
+        reached.add(100)
+    return frozenset(reached)
+
+
+def rearmed_levels(used: int, limit: int) -> frozenset[int]:
+    """The levels ``used`` has fallen far enough below to be logged again when reached."""
+    return frozenset(
+        level for level in FILL_LEVELS if used * 100 < (level - REARM_POINTS) * limit
+    )
 
 
 class CacheFull(OSError):
@@ -314,6 +349,11 @@ class WriteCache:
         self.page_size = page_size
         self.extents = ExtentMap()
         self._pages = 0
+        self.refused_writes = 0
+        """Writes refused for lack of room (the machine got ENOSPC)."""
+        self.warned: set[int] = set()
+        """The fill levels logged and not since fallen back below (see ``fill_levels``)."""
+        self._disk_full_said = False
         self._store: _Store
         if kind == "ram":
             self._store = _RamStore(page_size)
@@ -337,6 +377,45 @@ class WriteCache:
         """Bytes written and not since zeroed (at most ``used``)."""
         return self.extents.data_bytes
 
+    @property
+    def percent(self) -> float:
+        """``used`` as a percentage of ``limit`` (100 for a zero limit)."""
+        return 100.0 * self.used / self.limit if self.limit else 100.0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "used": self.used, "limit": self.limit,
+            "percent": round(self.percent, 1), "data_bytes": self.data_bytes,
+            "refused_writes": self.refused_writes,
+        }
+
+    def _watch_fill(self, *, refused: bool = False) -> None:
+        """Log each fill level as it is reached (once until use falls well below it)."""
+        reached = fill_levels(self.used, self.limit, refused=refused) - self.warned
+        if not reached:
+            return
+        self.warned |= reached
+        level = max(reached)
+        fields = {
+            "threshold": level, "used": self.used, "limit": self.limit,
+            "percent": round(self.percent, 1), "kind": self.kind,
+        }
+        if level >= 100:
+            log.error(
+                "write_cache_full", refused_writes=self.refused_writes, **fields,
+                action="the machine's writes fail with ENOSPC (qemu pauses a guest with "
+                "werror=stop): free space in the guest and TRIM it (discard=unmap), or "
+                "give a larger --cache-size; only a restart of pvs-target empties the cache "
+                "(a reboot of the virtual machine keeps it)",
+            )
+        else:
+            log.warning(
+                "write_cache_filling", **fields,
+                action="when the write cache is full the machine's writes fail with ENOSPC: "
+                "give a larger --cache-size (or --cache file on a larger disk), or have the "
+                "guest TRIM freed space (discard=unmap)",
+            )
+
     def close(self) -> None:
         self._store.close()
 
@@ -353,15 +432,34 @@ class WriteCache:
             if not self._store.is_stored(page)
         ]
         if (self._pages + len(missing)) * size > self.limit:
+            self.refused_writes += 1
+            self._watch_fill(refused=True)
             raise CacheFull(
                 f"write cache full: {length} bytes at {offset} need {len(missing) * size} "
                 f"more bytes, {self.limit - self.used} of {self.limit} are left"
             )
         self._store.add(missing)
         self._pages += len(missing)
-        with memoryview(data) as view:
-            self._store.write(offset, view.cast("B"))
+        try:
+            with memoryview(data) as view:
+                self._store.write(offset, view.cast("B"))
+        except OSError as error:  # the cache file's disk is full (or failing)
+            self._store.release(missing)
+            self._pages -= len(missing)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.refused_writes += 1
+            if error.errno in (errno.ENOSPC, errno.EDQUOT) and not self._disk_full_said:
+                self._disk_full_said = True  # again once space was freed
+                log.error(
+                    "write_cache_disk_full", used=self.used, limit=self.limit,
+                    error=str(error), action="the disk of the cache file is full before the "
+                    "cache reached its limit: free space there, or give --cache-dir on a "
+                    "larger disk (or a smaller --cache-size)",
+                )
+            raise
         self.extents.set(offset, offset + length, Extent.DATA)
+        if missing:
+            self._watch_fill()
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeroes; releases pages, never fails for
@@ -380,6 +478,9 @@ class WriteCache:
                 released.append(page)
         self._store.release(released)
         self._pages -= len(released)
+        if released:
+            self._disk_full_said = False
+            self.warned -= rearmed_levels(self.used, self.limit)
 
     def trim(self, offset: int, length: int) -> None:
         """Served as ``zero``: after a trim the range reads as zeroes (see the module doc)."""

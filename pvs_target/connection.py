@@ -126,6 +126,10 @@ async def open_connection(
                 raise
     except TimeoutError:
         raise ConnectFailed(name, f"no answer within {timeout:g} s") from None
+    except socket.gaierror as error:  # its errno is not an OS error number
+        raise ConnectFailed(
+            name, f"cannot resolve host name {target.host!r}: {str(error.strerror).lower()}"
+        ) from None
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise ConnectFailed(name, reason.lower()) from None

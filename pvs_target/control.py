@@ -26,7 +26,13 @@ class ControlServer:
     def __init__(self, path: str, status: Callable[[], dict[str, Any]]) -> None:
         self.path = path
         self.status = status
+        self._parts: list[Callable[[], dict[str, Any]]] = []
         self._server: asyncio.Server | None = None
+
+    def add(self, part: Callable[[], dict[str, Any]]) -> None:
+        """More of the status, from a part started after the stream (the NBD export: its
+        clients and its write cache), merged into what ``status`` says."""
+        self._parts.append(part)
 
     async def start(self) -> None:
         directory = os.path.dirname(self.path) or "."
@@ -70,7 +76,10 @@ class ControlServer:
         command = request.get("command", "status") if isinstance(request, dict) else None
         if command != "status":
             return {"error": f"unknown command {command!r}; known: status"}
-        return {"status": self.status()}
+        status = self.status()
+        for part in self._parts:
+            status.update(part())
+        return {"status": status}
 
 
 async def query(path: str, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:

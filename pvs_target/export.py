@@ -11,15 +11,21 @@ import argparse
 import dataclasses
 import errno
 import os
-from collections.abc import Awaitable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import structlog
 
 from pvs_target.cache import CacheFull, WriteCache
 from pvs_target.connection import BUFFERS, Done
 from pvs_target.failover import GaveUp, VDiskStream
-from pvs_target.nbd.server import BackendError, NbdServer, serve_nbd
+from pvs_target.nbd.server import (
+    HANDSHAKE_TIMEOUT,
+    MAX_CLIENTS,
+    BackendError,
+    NbdServer,
+    serve_nbd,
+)
 
 log = structlog.get_logger("pvs_target.export")
 
@@ -114,12 +120,10 @@ class StreamBackend:
         assert self.cache is not None
         try:
             change(self.cache)  # type: ignore[operator]
-        except CacheFull as full:
-            log.error(
-                "write_cache_full", used=self.cache.used, limit=self.cache.limit,
-                hint="give a larger --cache-size, or a file cache (--cache file)",
-            )
-            raise BackendError(full.errno or 28, str(full)) from None
+        except CacheFull as full:  # logged by the cache once as it fills, not once a write
+            failure = BackendError(full.errno or errno.ENOSPC, str(full))
+            failure.logged = True
+            raise failure from None
 
 
 def _gave_up(error: GaveUp) -> BackendError:
@@ -151,6 +155,8 @@ async def start_export(
     server = await serve_nbd(
         backend, address, stream.vdisk,
         description=f"pvs vDisk {stream.vdisk}", log=log,
+        max_clients=getattr(args, "nbd_max_clients", MAX_CLIENTS),
+        handshake_timeout=getattr(args, "nbd_handshake_timeout", HANDSHAKE_TIMEOUT),
     )
     log.info(
         "nbd_export_ready", address=address, vdisk=stream.vdisk, size=stream.size,
@@ -158,3 +164,63 @@ async def start_export(
         read_only=backend.read_only, pid=os.getpid(),
     )
     return server
+
+
+def add_nbd_options(attach: argparse.ArgumentParser) -> None:
+    """The export's bounds, as options of ``pvs-target attach``."""
+    attach.add_argument(
+        "--nbd-max-clients", type=_positive(int), default=MAX_CLIENTS, metavar="COUNT",
+        help="NBD connections kept at most; at the cap a new one replaces the oldest still in "
+        "its handshake, or is refused (default %(default)s)",
+    )
+    attach.add_argument(
+        "--nbd-handshake-timeout", type=_positive(float), default=HANDSHAKE_TIMEOUT,
+        metavar="SECONDS", help="an NBD client that has not finished its handshake after this "
+        "long is dropped (default %(default)g)",
+    )
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+        return value
+
+    return parse
+
+
+def export_status(server: NbdServer) -> dict[str, Any]:
+    """The export's part of ``pvs-target status``: its NBD clients and its write cache."""
+    cache = getattr(server.backend, "cache", None)
+    return {
+        "nbd": server.status(),
+        "write_cache": cache.status() if isinstance(cache, WriteCache) else None,
+    }
+
+
+def status_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """The lines ``pvs-target status`` prints for ``export_status`` (none without an export)."""
+    lines: list[tuple[str, str]] = []
+    cache = status.get("write_cache")
+    if cache:
+        full = " FULL: writes fail with ENOSPC" if cache["refused_writes"] else ""
+        lines.append((
+            "write cache", f"{_mib(cache['used'])} of {_mib(cache['limit'])} used "
+            f"({cache['percent']}%, {cache['kind']}){full}",
+        ))
+    nbd = status.get("nbd")
+    if nbd:
+        dropped = nbd["refused"] + nbd["evicted"] + nbd["handshake_timeouts"]
+        lines.append((
+            "NBD clients", f"{nbd['clients']} of at most {nbd['max_clients']} at "
+            f"{nbd['address']}" + (f", {dropped} dropped or refused" if dropped else ""),
+        ))
+    return lines
+
+
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"

@@ -235,6 +235,11 @@ class VDiskStream:
         self.core.heard(connection.last_heard, key)
         self.core.requests(key, connection.oldest_sent, connection.in_flight)
 
+    @property
+    def _opening(self) -> bool:
+        """``open`` has not returned yet: a failure now is raised to its caller."""
+        return self._opened is not None and not self._opened.done()
+
     # -- what the stream is -----------------------------------------------------------------
 
     @property
@@ -527,6 +532,8 @@ class VDiskStream:
                 case core.Record():
                     self._record(action)
                 case core.Note(event, level, fields):
+                    if level == "error" and self._opening:
+                        level = "info"  # open() raises it, and its caller says it: once
                     getattr(self.log, level)(event, **dict(fields))
         if wake:
             self._wake.set()  # the core's timer may have moved: the supervisor looks again

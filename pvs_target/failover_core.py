@@ -548,7 +548,7 @@ class FailoverCore:
         )
         self._delay = self.settings.retry_max
         return [_note("gave_up", "error", seconds=round(now - since, 1),
-                      reason=self.waiting_reason), FailWaiting(message)]
+                      reason=self.waiting_reason or "none answered yet"), FailWaiting(message)]
 
     def _why(self, message: str, no_identical: bool) -> str:
         last = self.last

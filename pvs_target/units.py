@@ -1,16 +1,18 @@
-"""Sizes on the command line: ``4096``, ``256K``, ``1M``, ``4GiB``, ``1T`` (binary units)."""
+"""Sizes on pvs-target's command line: `pvs_protocol.sizes`, so that ``10G`` (10 GiB) and
+``10GB`` (10**10 bytes) mean here what they mean in pvsctl and pvsd, plus the target's rule
+that a size option is more than nothing."""
 
 from __future__ import annotations
 
-import argparse
-import re
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from pvs_protocol.sizes import FORMS, SizeError, parse_size
 
 
-def parse_size(text: str) -> int:
-    """A positive byte count; argparse shows the message when the text is not one."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if match is None or int(match[1]) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 256K, 1M or 4G")
-    return int(match[1]) * _UNITS[match[2].lower()]
+def positive_size(text: str) -> int:
+    """An argparse type: a bad or zero size is a usage error with its reason (exit code 2)."""
+    size = parse_size(text)
+    if size <= 0:
+        raise SizeError(f"size {text!r} is 0 bytes: give more, e.g. 256K, 1M or 4G")
+    return size
+
+
+__all__ = ["FORMS", "parse_size", "positive_size"]

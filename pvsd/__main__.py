@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import structlog
 
 from pvsd import config as config_module
-from pvsd import locks
+from pvsd import locks, sd_notify
 from pvsd.admin import AdminServer
 from pvsd.logs import configure
 from pvsd.rebalancing import Rebalancer
@@ -22,7 +24,8 @@ from pvsd.store import Catalog, Store
 log = structlog.get_logger("pvsd")
 
 
-async def serve(config: config_module.Config) -> None:
+async def serve(config: config_module.Config) -> int:
+    """Run the server; the exit code: 0, or 2 if another server of the site has our name."""
     stores = [Store(path) for path in config.stores]
     stores += [Store(path, shared=True) for path in config.shared_stores]
     for store in stores:  # before any login: no session of this process holds them
@@ -32,15 +35,18 @@ async def serve(config: config_module.Config) -> None:
     catalog = Catalog(stores, threads=config.background_threads, executor=background)
     server = StreamServer(config, catalog)
     try:
-        await _serve(config, catalog, server)
+        code = await _serve(config, catalog, server)
     finally:
         server.close()
         background.shutdown(wait=False, cancel_futures=True)
         catalog.close()
     log.info("stopped")
+    return code
 
 
-async def _serve(config: config_module.Config, catalog: Catalog, server: StreamServer) -> None:
+async def _serve(config: config_module.Config, catalog: Catalog, server: StreamServer) -> int:
+    """Serve until SIGTERM/SIGINT, or until another server turns out to have our name
+    (then stop the same orderly way and return 2)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -52,6 +58,7 @@ async def _serve(config: config_module.Config, catalog: Catalog, server: StreamS
             site = Site(config, server.local_state, server.advertised)
             server.site = site
             site.on_peer_down.append(server.peer_down)
+            site.on_name_conflict.append(lambda _other: stop.set())
             catalog.on_change(lambda _name, _vdisk: site.inventory_changed())
             background.append(group.create_task(site.run()))
             background.append(group.create_task(server.send_site_updates()))
@@ -65,12 +72,17 @@ async def _serve(config: config_module.Config, catalog: Catalog, server: StreamS
             background.append(group.create_task(rebalancer.run(), name="rebalancer"))
         if config.admin_host:
             await admin.start()
+        notifier = sd_notify.Notifier.from_environment()  # readiness, watchdog (Type=notify)
+        status = sd_notify.PvsdStatus(server, loop.time())
+        background.append(group.create_task(sd_notify.supervise(notifier, status)))
         await stop.wait()
         log.info("shutdown_requested")
+        sd_notify.stopping(notifier, "stopping: moving targets to other servers")
         await server.stop()
         await admin.close()
         for task in background:
             task.cancel()
+    return 2 if server.site is not None and server.site.conflict is not None else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,25 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pvsd: {error}", file=sys.stderr)
         return 2
     configure(json=config.log_json, level=config.log_level, name=config.name)
-    failed = False
+    failed, code = False, 0
     try:
-        _run(serve(config))
+        code = _run(serve(config))
     except* OSError as group:  # raised inside the TaskGroup, so it comes as a group
         failed = True
         for failure in group.exceptions:
             log.error(
-                "cannot_start", error=str(failure), hint="is the address in use or not local?"
+                "cannot_start", error=str(failure),
+                hint="the message names what failed: an address in use or not local, or a "
+                "file that cannot be read",
             )
-    return 1 if failed else 0
+    return 1 if failed else code
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     else:
-        uvloop.run(coro)  # type: ignore[arg-type]
+        return uvloop.run(coro)
 
 
 if __name__ == "__main__":

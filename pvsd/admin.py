@@ -5,8 +5,10 @@ already holds; targets and changes need every server, so they are fetched from o
 each up peer's ``/v1/local/...`` endpoint, concurrently and with a short timeout. A peer that
 does not answer becomes one error entry: a site-wide request never fails because of one server.
 
-Every request is signed with the site key (`pvsd.admin_auth`); forwarded ones are signed anew
-by the forwarding server. Every refusal is a 4xx JSON ``{"error": ...}`` that says what to do,
+Every request is signed with the site key for the server it is sent to (`pvsd.admin_auth`);
+forwarded ones are signed anew by the forwarding server. With TLS (`pvsd.tls`) the servers
+also check each other's certificates against the site CA. Every change is audited
+(`pvsd.audit`). Every refusal is a 4xx JSON ``{"error": ...}`` that says what to do,
 logged with the client's address; a bug in a handler is a 500 with no traceback to the client.
 """
 
@@ -26,19 +28,20 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from yarl import URL
 
 from pvs_protocol import coordination as co
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity
-from pvsd import admin_auth
-from pvsd.admin_common import ApiError, vdisk_name
+from pvsd import admin_auth, audit
+from pvsd.admin_common import ApiError, HostNames, parse_json, vdisk_name
 from pvsd.admin_rebalance import RebalanceApi
 from pvsd.admin_replication import ReplicationApi
+from pvsd.admin_servers import ServersApi
 from pvsd.admin_versions import VersionsApi
 from pvsd.config import Config, format_address, parse_address
 from pvsd.manifest import manifest_path, write_manifest
+from pvsd.metrics import MetricsApi
 from pvsd.properties import (
     PropertiesError,
     VDiskProperties,
@@ -50,6 +53,7 @@ from pvsd.replication import Holder, replication_report
 from pvsd.server import StreamServer
 from pvsd.site import Peer
 from pvsd.store import VDisk
+from pvsd.tls import AdminTls, PeerTransport, TlsError
 from pvsd.versions import key_of
 
 log = structlog.get_logger("pvsd.admin")
@@ -87,12 +91,18 @@ class AdminServer:
         self.auth_failures: Counter[str] = Counter()
         self.bad_requests = 0
         self._seen = admin_auth.ReplayCache()
+        self.key_id = admin_auth.key_id(config.site_key)
+        self._host_names = HostNames()
+        self._peers = PeerTransport()
+        """Plain HTTP until `start` has loaded the TLS files, if any."""
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._settings_lock = asyncio.Lock()
         self.versions = VersionsApi(self)
         self.replication = ReplicationApi(self)
         self.rebalance = RebalanceApi(self)
+        self.servers = ServersApi(self)
+        self.metrics = MetricsApi(self)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -104,8 +114,21 @@ class AdminServer:
                 hint="give --key-file FILE (make one with 'pvsctl site keygen'), or --admin off",
             )
             return
+        try:
+            tls = AdminTls.from_config(self.config)
+            server_tls = tls.server_context() if tls is not None else None
+            peers = PeerTransport(tls.client_context() if tls is not None else None)
+        except TlsError as error:
+            log.error(
+                "admin_tls_unusable", error=str(error),
+                action="fix admin_tls_cert, admin_tls_key and admin_tls_ca (pvsctl site certs "
+                "makes them), or remove all three to serve plain HTTP",
+            )
+            raise OSError(f"admin API TLS: {error}") from None
         app = web.Application(
-            middlewares=[self._error_middleware(), self._auth_middleware()],
+            middlewares=[
+                self._error_middleware(), self._auth_middleware(), self._audit_middleware(),
+            ],
             client_max_size=MAX_BODY,
         )
         app.add_routes([
@@ -124,12 +147,15 @@ class AdminServer:
             *self.versions.routes(),
             *self.replication.routes(),
             *self.rebalance.routes(),
+            *self.servers.routes(),
+            *self.metrics.routes(),
         ])
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         try:
             site = web.TCPSite(
-                runner, self.config.admin_host, self.config.admin_port, reuse_address=True
+                runner, self.config.admin_host, self.config.admin_port, reuse_address=True,
+                ssl_context=server_tls,
             )
             await site.start()
         except OSError as error:
@@ -144,8 +170,10 @@ class AdminServer:
         host, port = runner.addresses[0][:2]
         self.address = format_address(str(host), int(port))
         self._runner = runner
+        self._peers = peers
         self._client = aiohttp.ClientSession()
-        log.info("admin_listening", address=self.address)
+        log.info("admin_listening", address=self.address, tls=server_tls is not None,
+                 key_id=self.key_id)
 
     async def close(self) -> None:
         runner, client = self._runner, self._client
@@ -193,27 +221,85 @@ class AdminServer:
     def _auth_middleware(self) -> Middleware:
         @web.middleware
         async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if self.metrics.is_open(request):  # Prometheus cannot sign (pvsd.metrics)
+                return await handler(request)
             body = await request.read()
+            host = request.headers.get("Host", "")
             try:
-                admin_auth.verify(
-                    self.config.site_key, request.headers.get("Authorization"), request.method,
-                    request.raw_path, body, _now_ms(), self._seen,
-                )
+                await self._authenticate(request, host, body)
             except admin_auth.AuthError as error:
                 self.auth_failures[error.reason] += 1
                 log.warning(
                     "admin_auth_failed", peer=request.remote, method=request.method,
-                    path=request.path, reason=error.reason, error=error.detail,
-                    failures=sum(self.auth_failures.values()),
+                    path=request.path, host=host[:100], reason=error.reason,
+                    error=error.detail, failures=sum(self.auth_failures.values()),
                 )
                 hint = "; use the site key of this site (pvsctl --key-file FILE)"
-                if error.reason in ("stale", "replayed", "busy"):
+                if error.reason in ("stale", "replayed", "busy", "wrong_server", "malformed"):
                     hint = ""
                 raise ApiError(401, f"not authenticated: {error.detail}{hint}") from None
             self.requests += 1
+            if request.method in admin_auth.MUTATING_METHODS:
+                parse_json(body)  # every endpoint: a body no handler could use is a 400
             return await handler(request)
 
         return authenticate
+
+    async def _authenticate(self, request: web.Request, host: str, body: bytes) -> None:
+        """`admin_auth`'s checks, with the one that needs I/O between them: whether the
+        request was meant for this server (a host name is resolved, once its MAC is good)."""
+        try:
+            target = admin_auth.target(host, default_port=443 if request.secure else 80)
+        except ValueError:
+            target = ""  # refused by authenticate, after the Authorization header's form
+        now = _now_ms()
+        signed = admin_auth.authenticate(
+            self.config.site_key, request.headers.get("Authorization"), request.method, target,
+            request.raw_path, body, now,
+        )
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        here = False
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            local = (str(sockname[0]), int(sockname[1]))
+            here = admin_auth.names_this_server(signed.target, local)
+            name = admin_auth.split_target(signed.target)[0]
+            if not here and not admin_auth.is_ip_literal(name):
+                resolved = await self._host_names.addresses(name)
+                here = admin_auth.names_this_server(signed.target, local, resolved)
+        if not here:
+            raise admin_auth.wrong_server(signed, f"{self.config.name} at {self.address}")
+        admin_auth.remember(signed, request.method, self._seen, now)
+
+    def _audit_middleware(self) -> Middleware:
+        """The audit line of every authenticated change, whatever came of it (`pvsd.audit`)."""
+
+        @web.middleware
+        async def audited(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.method not in admin_auth.MUTATING_METHODS:
+                return await handler(request)
+            body = await request.read()
+            try:
+                response = await handler(request)
+            except ApiError as error:
+                audit.record(request, self.key_id, body, error.status, error=error.message)
+                raise
+            except web.HTTPException as error:
+                if error.status >= 400:
+                    audit.record(request, self.key_id, body, error.status, error=error.reason)
+                raise
+            except asyncio.CancelledError:
+                audit.record(request, self.key_id, body, 503, error="cancelled: pvsd stops")
+                raise
+            except Exception:
+                audit.record(request, self.key_id, body, 500, error="internal error")
+                raise
+            audit.record(
+                request, self.key_id, body, response.status, audit.answer_of(response)
+            )
+            return response
+
+        return audited
 
     # -- site-wide endpoints ----------------------------------------------------------------
 
@@ -256,6 +342,7 @@ class AdminServer:
                 errors.append({
                     "server": peer.name, "admin_address": peer.admin_address or "",
                     "error": f"{peer.name} is down (not heard for {_silent_for(peer):.0f} s)",
+                    "down": True,
                 })
         targets.sort(key=lambda t: (str(t.get("server")), str(t.get("device_id"))))
         return targets, errors
@@ -344,6 +431,7 @@ class AdminServer:
                 })
         ok = all(result.get("ok") is True for result in results)
         log.info("admin_vdisk_settings", vdisk=name, changes=changes, peer=request.remote, ok=ok)
+        audit.note(request, **audit.settings_before_after(results))
         return web.json_response({"vdisk": name, "changes": changes, "ok": ok, "results": results})
 
     async def _stream(self, request: web.Request) -> web.Response:
@@ -386,7 +474,9 @@ class AdminServer:
         changes = parse_changes(await request.read())
         if name not in self.server.catalog:
             return web.json_response(self.result(True, held=False))
-        return web.json_response(await self.apply_settings(name, changes))
+        result = await self.apply_settings(name, changes)
+        audit.note(request, **audit.settings_before_after([result]))
+        return web.json_response(result)
 
     async def _local_stream(self, request: web.Request) -> web.Response:
         action = "stop" if request.path.endswith("/stop-stream") else "start"
@@ -450,7 +540,7 @@ class AdminServer:
             await self._in_force(name, updated)
         return self.result(
             True, held=True, changed=changed, shared=vdisk.store.shared,
-            properties=updated.to_mapping(),
+            properties=updated.to_mapping(), properties_before=current.to_mapping(),
             manifest=manifest.to_json() if manifest is not None else None,
         )
 
@@ -711,21 +801,39 @@ class AdminServer:
     ) -> JSON:
         if self._client is None:
             raise PeerError("admin API is closing")
+        peers = self._peers
+        try:
+            target = peers.target(address)
+        except ValueError as error:
+            raise PeerError(f"{server}: admin address {error}") from None
         headers = {
-            "Authorization": admin_auth.sign(self.config.site_key, method, path, body, _now_ms()),
+            "Authorization": admin_auth.sign(
+                self.config.site_key, method, path, body, _now_ms(), target=target
+            ),
             "Content-Type": "application/json",
         }
-        url = URL(f"http://{address}{path}", encoded=True)
         try:
             async with asyncio.timeout(timeout):
                 async with self._client.request(
-                    method, url, data=body or None, headers=headers
+                    method, peers.url(address, path), data=body or None, headers=headers,
+                    **peers.options(server),
                 ) as response:
                     text = await response.text()
                     status = response.status
         except TimeoutError:
             raise PeerError(
                 f"{server} ({address}) did not answer within {timeout:g} s"
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as error:
+            raise PeerError(
+                f"{server} ({address}) showed a certificate the site CA does not vouch for as "
+                f"{server!r} ({error.certificate_error}); give it one made by pvsctl site certs "
+                "with this CA"
+            ) from None
+        except aiohttp.ClientSSLError as error:
+            raise PeerError(
+                f"{server} ({address}): TLS failed ({error}); every server of a site must use "
+                "TLS for its admin API, or none"
             ) from None
         except aiohttp.ClientError as error:
             raise PeerError(f"{server} ({address}): {error or type(error).__name__}") from None
@@ -775,12 +883,7 @@ def _iso(seconds: float) -> str:
 
 def parse_changes(body: bytes) -> JSON:
     """The settings a request wants changed; their values are checked against the file."""
-    try:
-        data = json.loads(body or b"null")
-    except ValueError as error:
-        raise ApiError(
-            400, f"body is not JSON ({error}); send an object such as {{\"maintenance\": true}}"
-        ) from None
+    data = parse_json(body, example='an object such as {"maintenance": true}')
     if not isinstance(data, dict) or not data:
         raise ApiError(
             400, "body must be a JSON object with at least one setting, e.g. {\"version\": 2}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from pvsd.admin_common import ApiError
+from pvsd.admin_common import ApiError, parse_json
 from pvsd.rebalancing import Busy, Rebalancer
 
 if TYPE_CHECKING:
@@ -97,14 +97,9 @@ class RebalanceApi:
 
 def parse_run(body: bytes) -> bool:
     """``{"dry_run": bool}`` (or no body: a real run) -> dry_run."""
-    if not body.strip():
+    data = parse_json(body, example='{"dry_run": true} or nothing')
+    if data is None:
         return False
-    try:
-        data = json.loads(body)
-    except ValueError as error:
-        raise ApiError(
-            400, f"body is not JSON ({error}); send {{\"dry_run\": true}} or nothing"
-        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, "body must be a JSON object such as {\"dry_run\": true}")
     unknown = sorted(set(data) - {"dry_run"})

@@ -27,7 +27,6 @@ Every request is signed with the site key like every admin request (`pvsd.admin`
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,7 +38,7 @@ from pvs_protocol import manifest as mf
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
 from pvs_protocol.modes import VersionState
 from pvsd import transfer as tr
-from pvsd.admin_common import ApiError
+from pvsd.admin_common import ApiError, json_object
 from pvsd.balance import Replica, preferred_identity
 from pvsd.manifest import ManifestFile
 from pvsd.names import InvalidName, validate_name
@@ -377,13 +376,7 @@ def _version(request: web.Request) -> int:
 
 
 def _json(body: bytes) -> JSON:
-    try:
-        data = json.loads(body or b"null")
-    except ValueError as error:
-        raise ApiError(400, f"body is not JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return data
+    return json_object(body)
 
 
 def _replicate_body(body: bytes) -> tuple[int | None, list[str] | None, float | None]:

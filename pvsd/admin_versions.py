@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from pvsd import balance
-from pvsd.admin_common import ApiError, vdisk_name
+from pvsd.admin_common import ApiError, json_object, vdisk_name
 from pvsd.properties import properties_path, set_version_state
 from pvsd.replication import Holder, versions_report, views_of
 from pvsd.version_files import VersionFileError, delete_version, make_version
@@ -363,14 +363,7 @@ def _version(request: web.Request) -> int:
 
 
 async def _body(request: web.Request) -> JSON:
-    raw = await request.read()
-    try:
-        data = json.loads(raw or b"{}")
-    except ValueError as error:
-        raise _error(400, f"body is not JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise _error(400, "body must be a JSON object")
-    return data
+    return json_object(await request.read(), empty={})
 
 
 def _without(version: int) -> Callable[[list[balance.VersionStatus]], bool]:

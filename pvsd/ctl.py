@@ -14,13 +14,12 @@ code 2, because a traceback tells an administrator nothing they can act on.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,18 +28,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from pvs_protocol import manifest as mf
+from pvs_protocol import sizes
 from pvs_protocol.modes import Mode, SubnetAffinity
 from pvsd import logs
 from pvsd.config import ConfigError
-from pvsd.console import UserError
+from pvsd.console import UserError, stores
 from pvsd.console import manifests as mfc
 from pvsd.console.client import add_global_options, admin_requested, options_parser
 from pvsd.console.commands import add_site_commands, set_through_admin
+from pvsd.console.output import print_table
+from pvsd.console.progress import meter
 from pvsd.console.rebalance import add_rebalance_commands
 from pvsd.console.replicate import add_replicate_commands
 from pvsd.console.tables import human_size
@@ -54,20 +54,11 @@ from pvsd.properties import (
     properties_path,
     save_properties,
 )
-from pvsd.store import Catalog, Store, VDisk
+from pvsd.version import add_version_option
 
 SECTOR = 512
 COPY_CHUNK = 1024 * 1024
 FORMATS = ("auto", "raw", "qcow2", "vhdx", "vmdk", "vpc")
-_UNITS: dict[str, int] = {"": 1, "b": 1} | {
-    unit: factor
-    for power, letter in enumerate("kmgt", start=1)
-    for unit, factor in (
-        (letter, 1024**power),
-        (f"{letter}ib", 1024**power),
-        (f"{letter}b", 1000**power),
-    )
-}
 _MAGIC = ((b"QFI\xfb", "qcow2"), (b"vhdxfile", "vhdx"), (b"KDMV", "vmdk"), (b"conectix", "vpc"))
 
 
@@ -77,23 +68,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error already printed by argparse
         return exit_request.code if isinstance(exit_request.code, int) else 2
-    logs.configure()  # to stderr, so that `show --json` output stays clean
+    # Warnings only, one line each, on stderr (-v for more): `show --json` output stays clean.
+    logs.configure_command("pvsctl", getattr(args, "verbose", 0))
     try:
         code = args.handler(args)
+    except BrokenPipeError:  # `pvsctl ... | head`: the reader has all it wanted
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except (UserError, InvalidName, PropertiesError, ConfigError, OSError) as error:
         print(f"pvsctl: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # Every command writes its files under temporary names and renames them into place
+        # last, so nothing half-made is left behind.
+        print("pvsctl: interrupted", file=sys.stderr)
         return 130
     return code if isinstance(code, int) else 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush finds no closed pipe
+    (and prints no error about it)."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvsctl", description="Administer a pvs site.")
     add_global_options(parser)
+    add_version_option(parser)
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     for add_commands in _COMMAND_GROUPS:
         add_commands(groups)
+    add_verbose_option(parser)
     return parser
 
 
@@ -103,21 +111,24 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     modes = [str(mode) for mode in Mode]
 
     create = commands.add_parser("create", help="create an empty (sparse) vDisk")
-    create.add_argument("name")
+    create.add_argument("name", help="the new vDisk's name (letters, digits, '.', '_', '-')")
     create.add_argument("--size", required=True, help="bytes, or with a unit: 64M, 1G, 10GiB")
-    create.add_argument("--store", required=True, type=Path)
-    create.add_argument("--mode", choices=modes, default=str(Mode.standard))
-    create.add_argument("--description", default="")
+    create.add_argument("--store", required=True, type=Path, help=_STORE_HELP)
+    create.add_argument("--mode", choices=modes, default=str(Mode.standard), help=_MODE_HELP)
+    create.add_argument("--description", default="", help=_DESCRIPTION_HELP)
     _block_size_option(create)
     create.set_defaults(handler=_create)
 
     import_ = commands.add_parser("import", help="copy or convert a disk image into a store")
-    import_.add_argument("file", type=Path)
-    import_.add_argument("--name", required=True)
-    import_.add_argument("--store", required=True, type=Path)
-    import_.add_argument("--format", choices=FORMATS, default="auto")
-    import_.add_argument("--mode", choices=modes, default=str(Mode.standard))
-    import_.add_argument("--description", default="")
+    import_.add_argument("file", type=Path, help="the disk image to import")
+    import_.add_argument("--name", required=True, help="the new vDisk's name")
+    import_.add_argument("--store", required=True, type=Path, help=_STORE_HELP)
+    import_.add_argument(
+        "--format", choices=FORMATS, default="auto",
+        help="the image's format; other than raw needs qemu-img (default: recognised)",
+    )
+    import_.add_argument("--mode", choices=modes, default=str(Mode.standard), help=_MODE_HELP)
+    import_.add_argument("--description", default="", help=_DESCRIPTION_HELP)
     _block_size_option(import_)
     import_.set_defaults(handler=_import)
 
@@ -125,15 +136,32 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
         "set", parents=[options_parser()],
         help="change a vDisk's properties: in one store (--store), or on every server (--admin)",
     )
-    set_.add_argument("name")
+    set_.add_argument("name", help="the vDisk's name")
     set_.add_argument("--store", type=Path, help="edit the properties file in this store")
-    set_.add_argument("--mode", choices=modes)
-    set_.add_argument("--maintenance", choices=("on", "off"))
-    set_.add_argument("--version", type=int)
-    set_.add_argument("--load-balancing", choices=("on", "off"))
-    set_.add_argument("--fixed-server")
-    set_.add_argument("--subnet-affinity", choices=[str(value) for value in SubnetAffinity])
-    set_.add_argument("--description")
+    set_.add_argument("--mode", choices=modes, help=_MODE_HELP)
+    set_.add_argument(
+        "--maintenance", choices=("on", "off"),
+        help="on while the image is being updated: ordinary targets do not get it",
+    )
+    set_.add_argument(
+        "--version", type=int,
+        help="the version number of the same bytes (a new manifest identity; every copy on "
+        "every server must carry the same number)",
+    )
+    set_.add_argument(
+        "--load-balancing", choices=("on", "off"),
+        help="on: any server with an identical copy serves it; off: only --fixed-server",
+    )
+    set_.add_argument(
+        "--fixed-server", metavar="SERVER",
+        help="the server that serves it while load balancing is off",
+    )
+    set_.add_argument(
+        "--subnet-affinity", choices=[str(value) for value in SubnetAffinity],
+        help="none: any server; best_effort: prefer one on the target's subnet; fixed: only "
+        "those",
+    )
+    set_.add_argument("--description", help=_DESCRIPTION_HELP)
     set_.add_argument(
         "--test-devices", type=_patterns, metavar="ID,...",
         help="device ids or globs (lab-*) that get test versions; '' for none",
@@ -152,14 +180,14 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
         "show", parents=[options_parser(connection=False)],
         help="list vDisks in local stores with properties and identity",
     )
-    show.add_argument("name", nargs="?")
+    show.add_argument("name", nargs="?", help="only this vDisk's versions (default: all)")
     show.add_argument("--store", required=True, type=Path, action="append", help="repeatable")
     show.set_defaults(handler=_show)
 
     verify = commands.add_parser(
         "verify", help="check a local copy against its manifest; exit 1 if it is damaged"
     )
-    verify.add_argument("name")
+    verify.add_argument("name", help="the vDisk's name")
     verify.add_argument("--store", type=Path, help=f"the store (default: ${mfc.STORE_ENV})")
     verify.add_argument("--version", type=int, help="which version (default: the newest)")
     verify.set_defaults(handler=_verify)
@@ -168,7 +196,7 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
         "manifest", parents=[options_parser(connection=False)],
         help="make the manifest from the image's current content: a new version",
     )
-    manifest.add_argument("name")
+    manifest.add_argument("name", help="the vDisk's name")
     manifest.add_argument("--store", type=Path, help=f"the store (default: ${mfc.STORE_ENV})")
     manifest.add_argument(
         "--version", type=int, help="version number (default: the one in the properties file)"
@@ -182,6 +210,14 @@ def _add_vdisk_commands(groups: argparse._SubParsersAction[argparse.ArgumentPars
     add_replicate_commands(commands)
 
 
+_STORE_HELP = "the store directory to put it in"
+_MODE_HELP = (
+    "standard: read-only, shared by many targets, each keeping its writes in its own cache; "
+    "private: one target at a time, writing into the image (default: standard)"
+)
+_DESCRIPTION_HELP = "free text for administrators"
+
+
 def _patterns(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -193,6 +229,31 @@ def _block_size_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    """``-v``/``--verbose`` before the command and after it (``pvsctl vdisk manifest x -v``):
+    it is what someone adds to a command line that just went wrong."""
+    text = "show more of what happens on stderr: -v info events, -vv debug (default: warnings)"
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=text)
+    for command in _commands_of(parser):
+        command.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=text
+        )
+
+
+def _commands_of(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every command's parser below ``parser`` (each parser once, also when aliased)."""
+    seen: set[int] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if id(command) not in seen:
+                    seen.add(id(command))
+                    if not any(isinstance(a, argparse._SubParsersAction)
+                               for a in command._actions):
+                        yield command
+                    yield from _commands_of(command)
+
+
 _COMMAND_GROUPS: tuple[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...
 ] = (_add_vdisk_commands, add_site_commands, add_rebalance_commands)
@@ -202,11 +263,14 @@ def _create(args: argparse.Namespace) -> None:
     image = _new_image(args.store, args.name)
     size = parse_size(args.size)
     properties = VDiskProperties(Mode(args.mode), description=args.description)
-    save_properties(properties_path(image), properties)
-    manifest = mfc.empty_manifest(size, args.block_size, properties.version, time.time_ns())
     with _staged(image) as temporary:
+        save_properties(properties_path(image), properties)
         os.truncate(temporary, size)
-        mfc.save_manifest(image, manifest)  # before the image appears: pvsd never adopts it
+        # before the image appears: pvsd never adopts it
+        manifest = mfc.write_empty_manifest(
+            image, size, args.block_size, properties.version, time.time_ns(),
+            label=f"manifest of {args.name}",
+        )
     print(f"created vDisk {args.name}: {human_size(size)}, {args.mode}, in {image}")
     print(f"manifest: {mfc.describe(manifest)}")
 
@@ -306,45 +370,24 @@ def _set(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    catalog = Catalog(Store(_store_directory(path)) for path in args.store)
-    try:
-        asyncio.run(catalog.refresh())
-    finally:
-        catalog.close()
-    if args.name is not None and not catalog.versions(args.name):
-        stores = " ".join(f"--store {path}" for path in args.store)
-        raise UserError(f"no vDisk {args.name} is served from {stores}; check the name")
-    vdisks = (
-        list(catalog.versions(args.name).values()) if args.name is not None
-        else sorted(catalog.values(), key=lambda v: (v.name, v.version))
-    )
-    manifests = {vdisk.key: _manifest_or_error(vdisk) for vdisk in vdisks}
+    """List without hashing anything (`pvsd.console.stores`): instant for any image size."""
+    listed = stores.list_stores([_store_directory(path) for path in args.store], args.name)
     if args.json:
-        print(json.dumps([_vdisk_json(vdisk, manifests[vdisk.key]) for vdisk in vdisks], indent=2))
+        print(json.dumps([stores.to_json(item) for item in listed], indent=2))
         return
-    table = Table(*_COLUMNS)
-    for vdisk in vdisks:
-        properties = vdisk.properties
-        manifest = manifests[vdisk.key]
-        table.add_row(
-            vdisk.name,
-            human_size(vdisk.size),
-            str(properties.mode),
-            str(vdisk.version) + ("" if vdisk.state == "production" else f" ({vdisk.state})"),
-            "on" if properties.maintenance else "off",
-            "any server" if properties.load_balancing else f"only {properties.fixed_server}",
-            str(properties.subnet_affinity),
-            str(properties.block_size),
-            _manifest_text(manifest),
-            _damage_text(vdisk),
-            properties.description,
-        )
-    Console().print(table)
+    if not listed:
+        print("no vDisks in " + ", ".join(str(path) for path in args.store))
+        return
+    table = Table(*stores.COLUMNS)
+    for item in listed:
+        table.add_row(*stores.row(item))
+    print_table(table)
     if args.name is not None:
-        for vdisk in vdisks:
-            manifest = manifests[vdisk.key]
-            if isinstance(manifest, mf.Manifest):
-                print(f"manifest: {mfc.describe(manifest)}")
+        for item in listed:
+            if item.manifest is not None:
+                print(f"manifest: {mfc.describe(item.manifest)}")
+    for line in stores.advice(listed):
+        print(line)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -372,10 +415,10 @@ def _manifest(args: argparse.Namespace) -> None:
             raise UserError(f"cannot make version {args.version}: {error.problem}") from None
     block_size = args.block_size
     if block_size is None:
-        current = _manifest_or_error(_Image(image))
-        block_size = (
-            current.block_size if isinstance(current, mf.Manifest) else mf.DEFAULT_BLOCK_SIZE
-        )
+        current = None
+        with contextlib.suppress(UserError):  # a damaged manifest is being replaced
+            current = mfc.read_header(image)
+        block_size = current.block_size if current is not None else mf.DEFAULT_BLOCK_SIZE
     manifest = mfc.make_manifest(
         image, version, time.time_ns(), block_size, label=f"manifest of {args.name}"
     )
@@ -387,58 +430,13 @@ def _manifest(args: argparse.Namespace) -> None:
     print(f"vDisk {args.name}: new manifest: {mfc.describe(manifest)}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Image:
-    path: Path
-
-
-def _manifest_or_error(vdisk: VDisk | _Image) -> mf.Manifest | str:
-    """The manifest beside a listed image, or why there is none to show."""
-    try:
-        manifest = mfc.read_manifest(vdisk.path)
-    except UserError as error:
-        return str(error)
-    return manifest if manifest is not None else "none yet (pvsd adopts the image)"
-
-
-def _manifest_text(manifest: mf.Manifest | str) -> str:
-    if isinstance(manifest, str):
-        return manifest
-    return (
-        f"v{manifest.version} {mfc.format_ns(manifest.created_ns)}, "
-        f"{manifest.block_size // 1024} KiB blocks, root {manifest.root.hex()[:16]}"
-    )
-
-
-def _damage_text(vdisk: VDisk) -> str:
-    damage = vdisk.damage
-    if damage is None:
-        return "-"
-    count = damage.bad_blocks
-    return f"DAMAGED at offset {damage.first_offset} ({count} bad block{'s' * (count != 1)})"
-
-
-_COLUMNS = (
-    "Name",
-    "Size",
-    "Mode",
-    "Version",
-    "Maint.",
-    "Served by",
-    "Affinity",
-    "Block",
-    "Manifest",
-    "Damage",
-    "Description",
-)
-
-
 def parse_size(text: str) -> int:
-    """Bytes from ``512``, ``64M``, ``1G``, ``10GiB`` (K/M/G/T binary) or ``10GB`` (decimal)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    if match is None or match[2].lower() not in _UNITS:
-        raise UserError(f"size {text!r} is not understood; write e.g. 512, 64M, 1G or 10GiB")
-    size = int(match[1]) * _UNITS[match[2].lower()]
+    """Bytes as every tool reads them (`pvs_protocol.sizes`: 64M and 10GiB binary, 10GB
+    decimal), checked for what a vDisk can be."""
+    try:
+        size = sizes.parse_size(text)
+    except sizes.SizeError as error:
+        raise UserError(str(error)) from None
     if size <= 0 or size % SECTOR:
         raise UserError(f"size {text} is {size} bytes; use a positive multiple of {SECTOR}")
     return size
@@ -467,8 +465,9 @@ def _staged(image: Path) -> Iterator[Path]:
     descriptor, name = tempfile.mkstemp(dir=image.parent, prefix=f".{image.name}.")
     os.close(descriptor)
     temporary = Path(name)
-    manifest = manifest_path(image)
-    manifest_before = manifest.exists()
+    # the manifest and properties written for an image never made (an error, Ctrl-C) go too
+    companions = [path for path in (manifest_path(image), properties_path(image))
+                  if not path.exists()]
     linked = False
     try:
         os.chmod(temporary, 0o644)
@@ -480,29 +479,24 @@ def _staged(image: Path) -> Iterator[Path]:
         linked = True
     finally:
         temporary.unlink(missing_ok=True)
-        if not linked and not manifest_before:  # the manifest written for an image never made
-            manifest.unlink(missing_ok=True)
+        if not linked:
+            for path in companions:
+                path.unlink(missing_ok=True)
 
 
 def _copy_raw(source: Path, target: Path) -> None:
     """Copy in chunks, seeking over all-zero ones so that holes stay holes."""
     size = source.stat().st_size
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    with source.open("rb") as reader, target.open("r+b") as writer, progress:
-        task = progress.add_task(f"importing {source.name}", total=size)
+    with (
+        source.open("rb") as reader, target.open("r+b") as writer,
+        meter(f"importing {source.name}", size) as update,
+    ):
         while chunk := reader.read(COPY_CHUNK):
             if chunk.count(0) == len(chunk):
                 writer.seek(len(chunk), os.SEEK_CUR)
             else:
                 writer.write(chunk)
-            progress.advance(task, len(chunk))
+            update(writer.tell())
         writer.truncate()
         os.fsync(writer.fileno())
 
@@ -560,25 +554,6 @@ def _run_qemu_img(command: list[str], *, progress: bool = False) -> str:
 
 
 _INSTALL_QEMU = "install qemu-img (apt install qemu-utils, or dnf install qemu-img)"
-
-
-def _vdisk_json(vdisk: VDisk, manifest: mf.Manifest | str) -> dict[str, object]:
-    damage = vdisk.damage
-    return {
-        "name": vdisk.name,
-        "version": vdisk.version,
-        "state": str(vdisk.state),
-        "path": str(vdisk.path),
-        "store": str(vdisk.store.path),
-        "size": vdisk.size,
-        "properties": vdisk.properties.to_mapping(),
-        "identity": vdisk.identity.to_json() if vdisk.identity else None,
-        "manifest": mfc.manifest_json(manifest) if isinstance(manifest, mf.Manifest) else None,
-        "manifest_problem": manifest if isinstance(manifest, str) else None,
-        "damage": None if damage is None else {
-            "first_offset": damage.first_offset, "bad_blocks": damage.bad_blocks,
-        },
-    }
 
 
 def _on_off(value: str | None) -> bool | None:

@@ -43,7 +43,6 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 from structlog.typing import FilteringBoundLogger
-from yarl import URL
 
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
@@ -63,6 +62,7 @@ from pvsd.properties import (
 )
 from pvsd.server import StreamServer
 from pvsd.store import ImageFile, Store, VDisk
+from pvsd.tls import PeerTransport, TlsError
 from pvsd.versions import image_file
 
 log = structlog.get_logger("pvsd.replicator")
@@ -163,12 +163,17 @@ class Replicator:
         its own, apart from serving I/O and from the catalog's hashing."""
         self._group: asyncio.TaskGroup | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._peers = PeerTransport()
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Resume the copies a previous run left, then serve requests until cancelled."""
         try:
+            try:
+                self._peers = PeerTransport.for_config(self.config)
+            except TlsError as error:
+                raise OSError(f"replication over the admin API: {error}") from None
             async with aiohttp.ClientSession() as client, asyncio.TaskGroup() as group:
                 self._client, self._group = client, group
                 try:
@@ -653,16 +658,22 @@ class Replicator:
     ) -> bytes:
         if self._client is None:
             raise CopyFailed(f"{self.config.name} is stopping")
+        peers = self._peers
+        try:
+            target = peers.target(address)
+        except ValueError as error:
+            raise CopyFailed(f"{source}: admin address {error}") from None
         headers = {"Authorization": admin_auth.sign(
             self.config.site_key, method, path, body, time.time_ns() // 1_000_000,
+            target=target,
         )}
         if body:
             headers["Content-Type"] = "application/json"
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 async with self._client.request(
-                    method, URL(f"http://{address}{path}", encoded=True), data=body or None,
-                    headers=headers,
+                    method, peers.url(address, path), data=body or None, headers=headers,
+                    **peers.options(source),
                 ) as response:
                     status = response.status
                     length = response.content_length
@@ -672,6 +683,11 @@ class Replicator:
                     body = await response.read()
         except TimeoutError:
             raise _Transient(f"no answer within {REQUEST_TIMEOUT:g} s") from None
+        except aiohttp.ClientConnectorCertificateError as error:
+            raise CopyFailed(
+                f"{source} ({address}) showed a certificate the site CA does not vouch for as "
+                f"{source!r} ({error.certificate_error}); give it one made by pvsctl site certs"
+            ) from None
         except aiohttp.ClientError as error:
             raise _Transient(str(error) or type(error).__name__) from None
         if status != 200:

@@ -8,6 +8,7 @@ that keep streaming targets' lists of servers current.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import time
@@ -26,6 +27,7 @@ from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
 from pvsd import balance, locks
 from pvsd.config import Config, format_address, parse_address
+from pvsd.limits import BudgetChange, ReplyBudget, SourceLimit
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry, replicas_of
 from pvsd.stalls import StallTracker, Transition
@@ -37,6 +39,7 @@ log = structlog.get_logger("pvsd.server")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
+MIB = 1024 * 1024
 SITE_UPDATE_INTERVAL = 0.25
 """SITE frames are coalesced: at most one per streaming target this often."""
 LOCK_PROBE_TIMEOUT = 0.5
@@ -79,6 +82,16 @@ class StreamServer:
         """Peers found crashed by a lock probe: name -> when last heard (valid until heard
         again)."""
         self._site_sent: frozenset[str] = frozenset()
+        self.relogins_sent: collections.Counter[str] = collections.Counter()
+        """RELOGIN notices sent, by why (stop_stream, store_stalled), for pvsd.metrics."""
+        budget = config.reply_budget
+        self.budget: ReplyBudget[Session] = ReplyBudget(
+            budget, floor=min(config.max_request, max(64 * 1024, budget // 64))
+        )
+        """Replies written and not yet sent, over all sessions (see pvsd.limits)."""
+        self._budget_since = 0.0
+        self.sources: SourceLimit[Session] = SourceLimit(config.max_connections_per_source)
+        """Stream connections per source address."""
 
     async def start(self) -> None:
         """Listen; only once this returns is the service started."""
@@ -121,6 +134,7 @@ class StreamServer:
         log.info("stream_service_stopping", targets=len(streaming), drain_seconds=deadline)
         for session in list(self.sessions):
             if session.streaming:
+                self.relogins_sent["stop_stream"] += 1
                 session.send(
                     ev.Relogin(
                         int(deadline * 1000), f"{self.config.name} is stopping",
@@ -164,15 +178,87 @@ class StreamServer:
         if self.site is not None:
             self.site.announce()
 
-    def register(self, session: Session) -> None:
+    def register(self, session: Session) -> str | None:
+        """A connection was accepted: own its session, or say why it is refused (its address
+        holds ``max_connections_per_source`` sessions already, all logged in; the session
+        says GOODBYE and closes). At the cap, the oldest session of the address still in
+        its handshake makes room instead (told so the same way)."""
+        source = session.peer_ip
+        sources = self.sources
+        admission = sources.admit(source, session, _logged_in)
+        if admission.first:
+            log.warning(
+                "connections_over_cap", source=source, cap=sources.cap,
+                refused=not admission.admitted,
+                action=f"{source} holds {sources.cap} stream connections (max_connections_per_"
+                "source): new ones replace its oldest that have not logged in, or are refused "
+                "while all have. Many targets behind one NAT address need a larger max_"
+                "connections_per_source; otherwise that host opens connections it does not use",
+            )
+        if not admission.admitted:
+            return (
+                f"too many connections from {source} (at most {sources.cap} per address): "
+                "close unused ones, or ask the administrator to raise "
+                "max_connections_per_source"
+            )
+        if admission.replaces is not None:
+            admission.replaces.close(
+                ErrorCode.BUSY, f"too many connections from {source} (at most {sources.cap} "
+                "per address): this one, not logged in, made room for a newer one",
+            )
         self.sessions.add(session)
+        return None
 
     def unregister(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            dropped = self.sources.left(session.peer_ip, session)
+            if dropped:
+                log.info("connections_under_cap", source=session.peer_ip,
+                         refused_or_replaced=dropped, cap=self.sources.cap)
+            self._apply_budget(self.budget.forget(session))
             self._bytes_done += session.bytes_read + session.bytes_written
             if session.vdisk is not None:
                 self.targets_changed()
+
+    # -- the reply budget --------------------------------------------------------------------
+
+    def replies_unsent(self, session: Session, unsent: int) -> None:
+        """A session's transport holds ``unsent`` bytes of replies (see ``Lent``)."""
+        if session in self.sessions:
+            change = self.budget.report(session, unsent)
+            if change is not None:
+                self._apply_budget(change)
+
+    def _apply_budget(self, change: BudgetChange[Session] | None) -> None:
+        if change is None:
+            return
+        budget = self.budget
+        for session in change.pause:
+            session.budget_pause()
+        if change.started:
+            self._budget_since = time.monotonic()
+            top = [
+                f"{session.peer} {held / MIB:.1f} MiB" for session, held in budget.top(5)
+            ]
+            log.warning(
+                "reply_budget_exceeded", queued_mib=round(budget.queued / MIB, 1),
+                budget_mib=round(budget.limit / MIB, 1), paused=len(change.pause),
+                holding_most=top,
+                action="targets send requests faster than they read the replies: those "
+                "holding the most are not read from until their replies drain. If they are "
+                "real targets on slow links, raise reply_budget (memory allowing); if not, "
+                "look at the hosts named",
+            )
+        if change.ended:
+            log.info(
+                "reply_budget_recovered", queued_mib=round(budget.queued / MIB, 1),
+                peak_mib=round(budget.peak / MIB, 1), resumed=len(change.resume),
+                seconds=round(time.monotonic() - self._budget_since, 1),
+            )
+        for session in change.resume:
+            if not budget.is_paused(session):  # a report made while resuming may pause again
+                session.budget_resume()
 
     def targets_changed(self) -> None:
         """A target came or went: peers hear our new count within a few tens of ms, not at
@@ -469,6 +555,7 @@ class StreamServer:
         )
         self._inventory_changed()
         site = self._site_addresses()
+        self.relogins_sent["store_stalled"] += len(moving)
         for session in moving:
             session.send(
                 ev.Relogin(
@@ -547,6 +634,10 @@ class StreamServer:
             targets=sum(1 for s in self.sessions if s.streaming),
             bytes_per_second=self._rate, replicas=replicas,
         )
+
+
+def _logged_in(session: Session) -> bool:
+    return session.streaming
 
 
 _SITE_STATE = {

@@ -44,6 +44,7 @@ from pvs_protocol.modes import Mode
 from pvsd import locks
 from pvsd.config import format_address
 from pvsd.manifest import ManifestFile, write_and_record
+from pvsd.metrics import requests_of
 from pvsd.names import InvalidName, validate_name
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class _Offloaded:
 
     request_id: int
     what: str
+    since: float = 0.0
+    """When its request arrived (monotonic): its latency, for pvsd.metrics."""
     timer: asyncio.TimerHandle | None = None
     answered: bool = False
     """Answered already (with IO_ERROR, the store being stalled): the late result is dropped,
@@ -81,7 +84,7 @@ class Session(asyncio.Protocol):
 
     def __init__(self, server: StreamServer) -> None:
         self.server = server
-        self.conn = Connection(Role.SERVER)
+        self.conn = Connection(Role.SERVER, screen=self._screen_write)
         self.session_id = 0
         self.device_id = ""
         self.vdisk: VDisk | None = None
@@ -97,6 +100,10 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._log = log
         self._paused = False
+        """Requests are not read: the transport's buffer is full, or the server's reply
+        budget is spent and this session holds much of it (see pvsd.limits)."""
+        self._write_paused = False
+        self._budget_paused = False
         self._pending: dict[asyncio.Future[ev.Event], _Offloaded] = {}
         """Requests in worker threads. They are not cancelled when the connection ends (a
         thread cannot be stopped): a writer's lock and image stay held until its last write
@@ -117,6 +124,9 @@ class Session(asyncio.Protocol):
         """Open only for the one writer of a Private Image vDisk."""
         self._timer: asyncio.TimerHandle | None = None
         self._closed = asyncio.get_running_loop().create_future()
+        self._requests = requests_of(server)
+        self._reads = 0
+        """Reads answered from the page cache in this burst (their latency: pvsd.metrics)."""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -131,12 +141,15 @@ class Session(asyncio.Protocol):
         self.peer_ip = str(peername[0]) if isinstance(peername, tuple) else ""
         self.local_address = _address(transport.get_extra_info("sockname"))
         self._log = log.bind(peer=self.peer)
+        refusal = self.server.register(self)
+        if refusal is not None:  # too many connections from its address
+            self.close(ErrorCode.BUSY, refusal)
+            return
         self.transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
         self._lent = Lent(  # the transport may hold up to its high-water mark, and a burst more
             self.server.buffers.give, self.transport, asyncio.get_running_loop(),
-            limit=8 * self.server.config.max_request,
+            limit=8 * self.server.config.max_request, unsent=self._unsent,
         )
-        self.server.register(self)
         self._arm_timer(self.server.config.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -148,6 +161,7 @@ class Session(asyncio.Protocol):
         then requests wait in the receive buffer (bounded by TCP) until it catches up."""
         self._batch = []
         self._unchanged = False  # look at the image again for this burst
+        started = time.monotonic()
         try:
             while self.transport is not None and not self.transport.is_closing():
                 if self._paused:
@@ -163,6 +177,9 @@ class Session(asyncio.Protocol):
             self.close(error.code, error.message)
         finally:
             self._write_batch()
+            if self._reads:
+                self._requests.reads(time.monotonic() - started, self._reads)
+                self._reads = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -170,6 +187,9 @@ class Session(asyncio.Protocol):
         if self._login_task is not None:
             self._login_task.cancel()
         self.server.unregister(self)
+        if self._lent is not None:
+            self._lent.close()
+        self._requests.session_ended(self)
         if self.write_fd is not None and self.vdisk is not None:
             if self._pending:
                 self.server.lingering_writers.add(self.session_id)
@@ -202,15 +222,37 @@ class Session(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The target reads slower than we answer: stop taking requests until it catches up.
-        self._paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._write_paused = True
+        self._pause()
 
     def resume_writing(self) -> None:
-        self._paused = False
-        if self.transport is not None:
-            self.transport.resume_reading()
-            self._process()
+        self._write_paused = False
+        self._resume()
+
+    def budget_pause(self) -> None:
+        """The server's reply budget is spent and this session holds much of it."""
+        self._budget_paused = True
+        self._pause()
+
+    def budget_resume(self) -> None:
+        self._budget_paused = False
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and not self._write_paused and not self._budget_paused:
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+                self._process()
+
+    def _unsent(self, size: int) -> None:
+        """What the transport holds (see ``Lent``), for the server's reply budget."""
+        self.server.replies_unsent(self, size)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -290,6 +332,8 @@ class Session(asyncio.Protocol):
                 )
             case ev.Login():
                 self._login(event)
+            case ev.Error(request_id, code, message):  # a WRITE _screen_write refused
+                self._request_error(request_id, code, message)
             case ev.Goodbye(code, message):
                 self._log.info("target_said_goodbye", code=code, message=message)
                 self._write_batch()
@@ -446,6 +490,7 @@ class Session(asyncio.Protocol):
         if got == read.length:
             self.bytes_read += got
             self.send(ev.ReadData(read.request_id, buffer))
+            self._reads += 1
         elif not self._store_stalled(read.request_id, "read"):
             self._offload(read.request_id, "read", self._read_rest(image, buffer, read, got))
 
@@ -487,6 +532,26 @@ class Session(asyncio.Protocol):
         assert self.vdisk is not None
         return self.vdisk.store.path
 
+    def _screen_write(self, request_id: int, offset: int, length: int) -> ev.Error | None:
+        """Refuse a WRITE this session cannot serve as soon as its header and offset are in,
+        before a byte of its data is kept: on a read-only session, announcing 4 MiB writes
+        must not make the server allocate 4 MiB for each (its data is dropped unread)."""
+        vdisk = self.vdisk
+        if vdisk is None:
+            return None
+        if self.write_fd is None:
+            return ev.Error(
+                request_id, ErrorCode.READ_ONLY,
+                f"{vdisk.name} is a Standard Image: writes belong in the target's write cache",
+            )
+        if offset + length > vdisk.size:
+            return ev.Error(
+                request_id, ErrorCode.OUT_OF_RANGE,
+                f"bytes {offset}..{offset + length} lie past the end of {vdisk.name} "
+                f"({vdisk.size} bytes)",
+            )
+        return None
+
     def _write(self, write: ev.Write) -> None:
         if self._check_range(write.request_id, write.offset, len(write.data)) is None:
             return
@@ -517,6 +582,7 @@ class Session(asyncio.Protocol):
     def _flush(self, flush: ev.Flush) -> None:
         if self.write_fd is None:
             self.send(ev.Done(flush.request_id))  # nothing of ours is unwritten
+            self._requests.observe("flush", time.monotonic() - self.last_heard)
             return
         if self._store_stalled(flush.request_id, "flush"):
             return
@@ -568,6 +634,7 @@ class Session(asyncio.Protocol):
             self._io_failed(request.request_id, "digests", error)
             return
         self.send(ev.ReadData(request.request_id, data))
+        self._requests.observe("digests", time.monotonic() - self.last_heard)
 
     def _damaged(self, block: int, message: str) -> None:
         """A target found a block of ours that does not match the manifest: have it read
@@ -593,7 +660,7 @@ class Session(asyncio.Protocol):
         """Run blocking file work in a worker thread; the session owns it until the thread
         returns. Not answered within the stall timeout, it is answered with IO_ERROR then."""
         task = asyncio.ensure_future(work)
-        offloaded = self._pending[task] = _Offloaded(request_id, what)
+        offloaded = self._pending[task] = _Offloaded(request_id, what, time.monotonic())
         offloaded.timer = asyncio.get_running_loop().call_later(
             self.server.config.stall_timeout, self._overdue, task
         )
@@ -636,6 +703,7 @@ class Session(asyncio.Protocol):
             if isinstance(reply, ev.ReadData):
                 self.bytes_read += len(reply.data)
             self.send(reply)
+            self._requests.observe(what, time.monotonic() - offloaded.since)
 
     def _io_failed(self, request_id: int, what: str, error: OSError) -> None:
         vdisk_name = self.vdisk.name if self.vdisk else "?"

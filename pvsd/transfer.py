@@ -23,7 +23,6 @@ import dataclasses
 import enum
 import functools
 import json
-import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -58,31 +57,6 @@ def record_name(image_file: str) -> str:
 
 
 # -- rates ------------------------------------------------------------------------------------
-
-_UNITS: dict[str, int] = {"": 1, "b": 1} | {
-    unit: factor
-    for power, letter in enumerate("kmgt", start=1)
-    for unit, factor in (
-        (letter, 1024**power), (f"{letter}ib", 1024**power), (f"{letter}b", 1000**power),
-    )
-}
-
-
-class RateError(ValueError):
-    """A rate that cannot be understood; the message says how to write one."""
-
-
-def parse_rate(text: str) -> int:
-    """Bytes per second from ``0`` (no limit), ``50M``, ``50MiB/s``, ``800K``, ``1G`` (K, M,
-    G, T binary as everywhere in pvsctl; KB, MB, GB decimal)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)(?:/s)?\s*", text)
-    if match is None or match[2].lower() not in _UNITS:
-        raise RateError(
-            f"rate {text!r} is not understood; write bytes per second such as 50M, 800K or 0 "
-            "(no limit)"
-        )
-    return int(float(match[1]) * _UNITS[match[2].lower()])
-
 
 def format_rate(rate: float) -> str:
     """``52428800`` -> ``50.0 MiB/s``; 0 -> ``unlimited``."""

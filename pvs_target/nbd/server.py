@@ -13,6 +13,15 @@ behind Nagle (TCP_NODELAY is set here too: asyncio does not always). A connectio
 while ``max_in_flight`` requests (or ``max_in_flight_bytes``) are being served or while the
 transport's write buffer is above its high-water mark.
 
+Bounds: a client must finish the handshake within ``handshake_timeout`` (10 s) or it is
+dropped, and at most ``max_clients`` (128) connections are kept. One more arriving at the cap
+takes the place of the oldest connection still in its handshake (a flood of idle connections
+cannot lock a real client out: it finishes its handshake in milliseconds, before the flood has
+pushed it out); when every connection is past its handshake, it is refused (closed at once).
+1,100 idle TCP connections once used up the target's file descriptors, and with them its
+control socket. Refusals, evictions and timeouts are logged at most once per
+``QUIET_INTERVAL`` each, with how many happened since the last line.
+
 Backend failures: ``OSError`` (``BackendError`` is one) maps its errno to the NBD error
 (ENOSPC stays ENOSPC, EDQUOT/EFBIG become ENOSPC, unknown ones EIO); any other exception is
 logged and answered with EIO. The connection and the server live on.
@@ -53,6 +62,9 @@ Data = bytes | bytearray | memoryview
 RECEIVE_CHUNK = 256 * 1024
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 WRITE_BUFFER_LOW = 1024 * 1024
+MAX_CLIENTS = 128
+HANDSHAKE_TIMEOUT = 10.0
+QUIET_INTERVAL = 10.0
 
 
 class Backend(Protocol):
@@ -128,6 +140,8 @@ async def serve_nbd(
     minimum_block_size: int = 1,
     max_in_flight: int = 64,
     max_in_flight_bytes: int = 128 * 1024 * 1024,
+    max_clients: int = MAX_CLIENTS,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> NbdServer:
     """Listen on ``address`` (``HOST:PORT``, port 0 for any, or ``unix:PATH``) and serve
     ``backend`` as the export ``export_name``; returns once listening."""
@@ -135,7 +149,8 @@ async def serve_nbd(
         backend, export_name, description=description, minimum_block_size=minimum_block_size
     )
     server = NbdServer(backend, export, log or structlog.get_logger(), max_in_flight,
-                       max_in_flight_bytes)
+                       max_in_flight_bytes, max_clients=max_clients,
+                       handshake_timeout=handshake_timeout)
     await server._listen(address)
     return server
 
@@ -146,10 +161,13 @@ class NbdServer:
 
     def __init__(
         self, backend: Backend, export: ExportInfo, log: FilteringBoundLogger,
-        max_in_flight: int, max_in_flight_bytes: int,
+        max_in_flight: int, max_in_flight_bytes: int, *, max_clients: int = MAX_CLIENTS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         if max_in_flight < 1 or max_in_flight_bytes < 1:
             raise ValueError("max_in_flight and max_in_flight_bytes must be positive")
+        if max_clients < 1 or not handshake_timeout > 0:
+            raise ValueError("max_clients and handshake_timeout must be positive")
         self.backend = backend
         self.export = export
         self.max_in_flight = max_in_flight
@@ -158,6 +176,18 @@ class NbdServer:
         """Where it listens: ``HOST:PORT`` (the real port) or ``unix:PATH``."""
         self.log = log
         self.connections: set[_ExportConnection] = set()
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self._handshaking: dict[_ExportConnection, None] = {}
+        """Kept connections still in their handshake, oldest first."""
+        self._serving: set[_ExportConnection] = set()
+        """Kept connections past their handshake."""
+        self.refused = 0
+        """Connections refused at the cap (every kept one was past its handshake)."""
+        self.evicted = 0
+        """Connections in their handshake dropped to make room for a newer one."""
+        self.handshake_timeouts = 0
+        self._quiet: dict[str, tuple[float, int]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._unix_path: str | None = None
         self._closing = False
@@ -184,6 +214,66 @@ class NbdServer:
 
     def _connection(self) -> _ExportConnection:
         return _ExportConnection(self)
+
+    @property
+    def clients(self) -> int:
+        """Connections kept (in their handshake or past it), at most ``max_clients``."""
+        return len(self._handshaking) + len(self._serving)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "address": self.address, "clients": self.clients,
+            "in_handshake": len(self._handshaking), "max_clients": self.max_clients,
+            "refused": self.refused, "evicted": self.evicted,
+            "handshake_timeouts": self.handshake_timeouts,
+        }
+
+    def _admit(self, connection: _ExportConnection) -> bool:
+        """Keep a new connection, making room at the cap by dropping the oldest one still
+        in its handshake; or refuse it, when every kept connection is past its handshake."""
+        if self.clients >= self.max_clients:
+            if not self._handshaking:
+                self.refused += 1
+                self._say("nbd_connection_refused", max_clients=self.max_clients,
+                          action=f"{self.max_clients} NBD clients are connected: close unused "
+                          "ones, or raise --nbd-max-clients")
+                return False
+            oldest = next(iter(self._handshaking))
+            self.evicted += 1
+            self._say("nbd_handshake_evicted", max_clients=self.max_clients,
+                      action="connections that do not finish the NBD handshake fill the "
+                      "export: the oldest make room for new ones; look for what opens them")
+            oldest.drop()
+        self._handshaking[connection] = None
+        return True
+
+    def _handshake_done(self, connection: _ExportConnection) -> None:
+        if connection in self._handshaking:
+            del self._handshaking[connection]
+            self._serving.add(connection)
+
+    def _handshake_expired(self, connection: _ExportConnection) -> None:
+        if connection in self._handshaking:
+            self.handshake_timeouts += 1
+            self._say("nbd_handshake_timeout", seconds=self.handshake_timeout,
+                      action="a client connected and did not finish the NBD handshake in time; "
+                      "it was dropped")
+            connection.drop()
+
+    def _forget(self, connection: _ExportConnection) -> None:
+        self._handshaking.pop(connection, None)
+        self._serving.discard(connection)
+
+    def _say(self, event: str, **fields: Any) -> None:
+        """One warning per kind of event and ``QUIET_INTERVAL``: a flood of connections makes
+        a few lines, each with how many happened since the last (``since_last``)."""
+        now = asyncio.get_running_loop().time()
+        last, count = self._quiet.get(event, (float("-inf"), 0))
+        if now - last < QUIET_INTERVAL:
+            self._quiet[event] = (last, count + 1)
+            return
+        self._quiet[event] = (now, 0)
+        self.log.warning(event, since_last=count + 1, **fields)
 
     def close(self) -> None:
         if self._closing:
@@ -250,6 +340,9 @@ class _ExportConnection(asyncio.BufferedProtocol):
         """No more requests are taken (DISC, ABORT, shutdown, protocol error, lost link)."""
         self._lost = False
         self._draining = False
+        self._deadline: asyncio.TimerHandle | None = None
+        """Drops the connection if its handshake is not finished in time."""
+        self._dropped = False
         self.closed = asyncio.Event()
         self.requests = 0
 
@@ -276,6 +369,12 @@ class _ExportConnection(asyncio.BufferedProtocol):
             self._ending = True
             transport.close()
             return
+        if not self._server._admit(self):
+            self.drop()
+            return
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._server.handshake_timeout, self._server._handshake_expired, self
+        )
         self._send(self._protocol.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -297,6 +396,11 @@ class _ExportConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._ending = True
+        self._end_handshake()
+        self._server._forget(self)
+        if self._dropped:  # logged (or counted) by the server already
+            self._maybe_closed()
+            return
         self._log.info("nbd_client_disconnected", requests=self.requests,
                         in_flight=len(self._tasks), error=str(exc) if exc else None)
         self._maybe_closed()
@@ -319,6 +423,19 @@ class _ExportConnection(asyncio.BufferedProtocol):
             self._end()
         else:
             self._draining = True  # _request_done closes once the last reply is out
+
+    def drop(self) -> None:
+        """End a connection that has no request to finish (in its handshake, or refused):
+        at once, and without a line of its own in the log."""
+        self._dropped = True
+        self._end_handshake()
+        self._server._forget(self)
+        self.abort()
+
+    def _end_handshake(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def abort(self) -> None:
         self._ending = True
@@ -383,6 +500,8 @@ class _ExportConnection(asyncio.BufferedProtocol):
             self._log.debug("nbd_option", option=wire.option_name(event.option),
                             reply=wire.Reply(event.reply).name, detail=event.message)
         elif isinstance(event, TransmissionStarted):
+            self._end_handshake()
+            self._server._handshake_done(self)
             self._log.info("nbd_transmission_started", export=event.export_name,
                            via=wire.option_name(event.option), flags=int(event.flags),
                            structured_replies=event.structured_replies)

@@ -17,43 +17,44 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 from pvs_protocol import manifest as mf
-from pvs_protocol.identity import DIGEST_SIZE
+from pvs_protocol import sizes
+from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
 from pvsd.console import UserError
-from pvsd.identity import ImageChanged
+from pvsd.console.progress import meter
+from pvsd.identity import ImageChanged, Verified, write_verified
 from pvsd.locks import lock_path, read_owner
 from pvsd.manifest import build_manifest, load_manifest, manifest_path, verify_image, write_manifest
 from pvsd.versions import image_file, parse_key
 
 STORE_ENV = "PVS_STORE"
 PROGRESS_INTERVAL = 0.2
-_BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20}
+_WRITE_CHUNK = 8 << 20
 
 T = TypeVar("T")
+_log = structlog.get_logger("pvsctl")
 
 
 def parse_block_size(text: str) -> int:
-    """``16K``, ``16KiB``, ``16384``, ``1M``: a power of two from 4 KiB to 1 MiB (an argparse
-    type: a bad value is a usage error, exit code 2)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)(?:i?[bB])?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not understood; write e.g. 4K, 16K or 64K")
-    size = int(match[1]) * _BINARY[match[2].lower()]
+    """``16K``, ``16KiB``, ``16384``, ``1M``: a power of two from 4 KiB to 1 MiB, in the units
+    of every tool (`pvs_protocol.sizes`). An argparse type: a bad value is a usage error, exit
+    code 2 (a `SizeError` is an ArgumentTypeError)."""
+    size = sizes.parse_size(text)
     try:
         mf.check_block_size(size)
     except mf.ManifestError as error:
-        raise argparse.ArgumentTypeError(f"{error}; 16K is the default") from None
+        raise argparse.ArgumentTypeError(
+            f"{error}; write e.g. 4K, 16K (the default) or 64K (K = 1024 bytes, KB = 1000)"
+        ) from None
     return size
 
 
@@ -132,16 +133,104 @@ def refuse_while_written(image: Path, name: str, what: str) -> None:
 # -- making manifests -------------------------------------------------------------------------
 
 
-def empty_manifest(size: int, block_size: int, version: int, created_ns: int) -> mf.Manifest:
-    """The manifest of an image of zeros, without reading it: every full block has the same
-    digest, only a short last block has another."""
+class Described(Protocol):
+    """What `describe` and `manifest_json` need: a whole `mf.Manifest` or just its `Header`."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def created_ns(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def root(self) -> bytes: ...
+    @property
+    def shape(self) -> mf.Shape: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    """A manifest's header fields, read without the digests (which are a 512th of the
+    image: 4 GiB for 2 TiB)."""
+
+    version: int
+    created_ns: int
+    size: int
+    block_size: int
+    root: bytes
+    top: bytes
+    """The digest of the top page: the content alone (what `pvsd.identity.Verified` records)."""
+
+    @property
+    def shape(self) -> mf.Shape:
+        return mf.Shape.of(self.size, self.block_size)
+
+    @property
+    def identity(self) -> ReplicaIdentity:
+        return ReplicaIdentity(
+            self.version, self.created_ns, self.size, self.root, self.block_size
+        )
+
+
+def write_empty_manifest(
+    image: Path, size: int, block_size: int, version: int, created_ns: int, *, label: str
+) -> Header:
+    """Write the manifest of an image of zeros beside ``image``, without reading it and
+    without holding it in memory (4 GiB for 2 TiB of 16 KiB blocks), with progress.
+
+    Every full block of zeros has the same digest, so each level of the tree is one digest
+    repeated, then at most one other (over a short last block, or the short last page of the
+    level below): a level is written as that run, and the next level follows from it alone.
+    Written to a temporary file and renamed into place, so an interrupted run leaves nothing.
+    """
     shape = mf.Shape.of(size, block_size)
     full, rest = divmod(size, block_size)
-    leaves = mf.leaf_digest(bytes(block_size)) * full
-    if rest:
-        leaves += mf.leaf_digest(bytes(rest))
-    assert len(leaves) == shape.blocks * DIGEST_SIZE
-    return mf.Manifest.build(version, created_ns, size, block_size, leaves)
+    runs = [(mf.leaf_digest(bytes(block_size)), full, mf.leaf_digest(bytes(rest)) if rest else b"")]
+    for _ in range(shape.top_level):
+        runs.append(_level_above(*runs[-1]))
+    unit, count, tail = runs[-1]
+    top = mf.node_digest(unit * count + tail)
+    root = mf.root_digest(version, created_ns, size, block_size, top)
+    header = Header(version, created_ns, size, block_size, root, top)
+    head = mf.Manifest(version, created_ns, size, block_size, (b"",), root).encode()
+    total = mf.HEADER_SIZE + sum(shape.counts) * DIGEST_SIZE
+    path = manifest_path(image)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with open(descriptor, "wb") as file, meter(label, total) as update:
+            os.fchmod(file.fileno(), 0o644)
+            file.write(head[: mf.HEADER_SIZE])
+            for unit, count, tail in runs:
+                chunk = unit * (_WRITE_CHUNK // DIGEST_SIZE)
+                whole, part = divmod(count * DIGEST_SIZE, len(chunk))
+                for _ in range(whole):
+                    file.write(chunk)
+                    update(file.tell())
+                file.write(chunk[:part] + tail)
+            if file.tell() != total:
+                raise AssertionError(f"wrote {file.tell()} bytes of a {total}-byte manifest")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return header
+
+
+def _level_above(unit: bytes, count: int, tail: bytes) -> tuple[bytes, int, bytes]:
+    """The run of the level above ``count`` times ``unit`` followed by ``tail``."""
+    pages, left = divmod(count, mf.FANOUT)
+    rest = unit * left + tail
+    above = b"".join(
+        mf.node_digest(rest[start : start + mf.PAGE_SIZE])
+        for start in range(0, len(rest), mf.PAGE_SIZE)
+    )
+    if len(above) > DIGEST_SIZE:
+        raise AssertionError("a level of zeros ends in more than one odd digest")
+    return mf.node_digest(unit * mf.FANOUT), pages, above
 
 
 def make_manifest(
@@ -149,9 +238,9 @@ def make_manifest(
 ) -> mf.Manifest:
     """Read the whole image into a new manifest, with a progress bar (not yet written)."""
     size = image.stat().st_size
-    with _bar(label, size) as (log, _update):
+    with _runner() as run, _bar(label, size) as (log, _update):
         try:
-            return _run(
+            return run(
                 build_manifest(
                     image, version, created_ns, block_size, log=log,
                     progress_interval=PROGRESS_INTERVAL,
@@ -186,11 +275,42 @@ def read_manifest(image: Path) -> mf.Manifest | None:
     try:
         return mf.Manifest.decode(data)
     except mf.ManifestError as error:
-        raise UserError(
-            f"{path} is damaged ({error}); copy the image and its manifest again from a server "
-            "where `pvsctl vdisk verify` finds it good, or make a new version from this image "
-            "with `pvsctl vdisk manifest`"
-        ) from None
+        raise UserError(f"{path} is damaged ({error}); {_DAMAGED_MANIFEST}") from None
+
+
+def read_header(image: Path) -> Header | None:
+    """The header of the manifest beside ``image``, checked against its file's length and
+    its top page (a few KiB read, whatever the image's size: `vdisk show` must stay quick);
+    None if there is none. The digests below the top are `vdisk verify`'s to check."""
+    path = manifest_path(image)
+    try:
+        with path.open("rb") as file:
+            length = os.fstat(file.fileno()).st_size
+            version, created_ns, size, block_size, root = mf.decode_header(
+                file.read(mf.HEADER_SIZE)
+            )
+            shape = mf.Shape.of(size, block_size)
+            expected = mf.HEADER_SIZE + sum(shape.counts) * DIGEST_SIZE
+            if length != expected:
+                raise mf.ManifestError(f"it is {length} bytes long, its header implies {expected}")
+            file.seek(mf.level_offset(shape, shape.top_level))
+            top = mf.node_digest(file.read(shape.page_length(shape.top_level, 0)))
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}; make it readable") from None
+    except mf.ManifestError as error:
+        raise UserError(f"{path} is damaged ({error}); {_DAMAGED_MANIFEST}") from None
+    if mf.root_digest(version, created_ns, size, block_size, top) != root:
+        raise UserError(f"{path} is damaged (its root does not match its tree); "
+                        f"{_DAMAGED_MANIFEST}")
+    return Header(version, created_ns, size, block_size, root, top)
+
+
+_DAMAGED_MANIFEST = (
+    "copy the image and its manifest again from a server where `pvsctl vdisk verify` finds it "
+    "good, or make a new version from this image with `pvsctl vdisk manifest`"
+)
 
 
 def restamp(image: Path, version: int, created_ns: int) -> mf.Manifest | None:
@@ -204,7 +324,7 @@ def restamp(image: Path, version: int, created_ns: int) -> mf.Manifest | None:
     return updated
 
 
-def describe(manifest: mf.Manifest) -> str:
+def describe(manifest: Described) -> str:
     """One line: ``version 2, made 2026-12-01 10:00:00, 16.0 MiB, 16 KiB blocks, root ...``."""
     from pvsd.console.tables import human_size
 
@@ -215,7 +335,7 @@ def describe(manifest: mf.Manifest) -> str:
     )
 
 
-def manifest_json(manifest: mf.Manifest) -> dict[str, object]:
+def manifest_json(manifest: Described) -> dict[str, object]:
     return {
         "version": manifest.version, "created_ns": manifest.created_ns,
         "created": format_ns(manifest.created_ns), "size": manifest.size,
@@ -268,9 +388,9 @@ def verify(image: Path, name: str) -> Checked:
                 f"({identity.short}) says {handle.size}",
                 _fix(name),
             ])
-        with _bar(f"verifying {name}", handle.size) as (log, _update):
+        with _runner() as run, _bar(f"verifying {name}", handle.size) as (log, _update):
             try:
-                verdict = _run(
+                verdict = run(
                     verify_image(
                         image, handle, log=log, progress_interval=PROGRESS_INTERVAL, direct=True
                     )
@@ -280,6 +400,8 @@ def verify(image: Path, name: str) -> Checked:
                     f"{image} changed while it was being verified; run the command again once "
                     "nothing writes to it"
                 ) from None
+            if verdict.good:  # as pvsd records its own checks: it need not read it again
+                write_verified(image, Verified(verdict.stat, handle.top), log=log)
     finally:
         handle.close()
     blocks = handle.shape.blocks
@@ -310,39 +432,44 @@ def _fix(name: str) -> str:
 # -- plumbing -----------------------------------------------------------------------------------
 
 
-def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
+@contextlib.contextmanager
+def _runner() -> Iterator[Callable[[Coroutine[Any, Any, T]], T]]:
+    """Runs a pass on an event loop made *before* the first progress line: Ctrl-C right
+    after that line must not land in the middle of making a loop (Python then prints a
+    traceback from the half-made loop's __del__). An interrupt before the pass starts still
+    closes the coroutine and the loop, so the user sees one line."""
+    with asyncio.Runner() as runner:
+        runner.get_loop()
+
+        def run(coroutine: Coroutine[Any, Any, T]) -> T:
+            try:
+                return runner.run(coroutine)
+            finally:
+                coroutine.close()
+
+        yield run
 
 
 @contextlib.contextmanager
 def _bar(label: str, total: int) -> Iterator[tuple[FilteringBoundLogger, Callable[[int], None]]]:
-    """A progress bar on stderr fed by the pass's own ``*_progress`` log events; every other
-    info event is dropped (warnings still show), so stdout holds only the result."""
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty(),
-    )
-    task = progress.add_task(label, total=total)
-
-    def update(done: int) -> None:
-        progress.update(task, completed=done)
+    """Progress on stderr (`pvsd.console.progress`) fed by the pass's own ``*_progress`` log
+    events; its other events go on to pvsctl's logging, which shows warnings only (more with
+    -v), so that stdout holds only the result."""
 
     def feed(_logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
-        name = str(event.get("event", ""))
+        name = str(event.pop("event", ""))
         if name.endswith("_progress"):
             percent = event.get("percent")
             if isinstance(percent, int | float):
                 update(int(total * percent / 100))
-            raise structlog.DropEvent
-        if method in ("debug", "info"):
-            raise structlog.DropEvent
-        return event
+        else:
+            getattr(_log, method, _log.info)(name, **event)
+        raise structlog.DropEvent
 
     log: FilteringBoundLogger = structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
-        processors=[feed, structlog.processors.add_log_level, structlog.dev.ConsoleRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        structlog.PrintLogger(sys.stderr), processors=[feed],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
     )
-    with progress:
+    with meter(label, total) as update:
         yield log, update
         update(total)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from pvsd.console import UserError
 from pvsd.console.client import connect, options_parser
+from pvsd.console.output import print_table
 
 JSON = dict[str, Any]
 
@@ -134,6 +133,4 @@ def _list(answer: Mapping[str, Any], key: str) -> list[JSON]:
 
 
 def _print(table: Table) -> None:
-    # Piped output is read through less or grep: do not squeeze it to 80 columns.
-    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    Console(width=160 if wide else None).print(table)
+    print_table(table)

@@ -22,9 +22,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 from rich.text import Text
 
+from pvs_protocol import sizes
 from pvsd import transfer as tr
 from pvsd.console import UserError
 from pvsd.console.client import AdminClient, connect, options_parser
+from pvsd.console.output import print_table
 from pvsd.console.tables import duration, human_size
 from pvsd.names import validate_name
 
@@ -48,14 +50,14 @@ def add_replicate_commands(commands: argparse._SubParsersAction[argparse.Argumen
         "replicate", parents=common,
         help="copy a version of a vDisk to other servers over the site, checked and resumable",
     )
-    replicate.add_argument("name")
+    replicate.add_argument("name", help="the vDisk's name")
     replicate.add_argument("--version", type=int, help="which version (default: the newest)")
     where = replicate.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", action="append", metavar="SERVER",
                        help="a server to copy to (repeatable)")
     where.add_argument("--all", action="store_true", help="every server that is up")
     replicate.add_argument(
-        "--rate", type=_rate,
+        "--rate", type=sizes.parse_rate,
         help="bytes per second each copy fetches at most: 50M, 800K, 0 for no limit (default: "
         "each server's replication_rate)",
     )
@@ -65,18 +67,10 @@ def add_replicate_commands(commands: argparse._SubParsersAction[argparse.Argumen
 
     view = commands.add_parser(
         "replication", parents=common,
-        help="which server holds which version (identical, damaged, missing, copying x%%)",
+        help="which server holds which version (identical, damaged, missing, copying)",
     )
-    view.add_argument("name", nargs="?")
+    view.add_argument("name", nargs="?", help="only this vDisk (default: all)")
     view.set_defaults(handler=_replication)
-
-
-def _rate(text: str) -> int:
-    """An argparse type: a bad rate is a usage error (exit code 2)."""
-    try:
-        return tr.parse_rate(text)
-    except tr.RateError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # -- replicate --------------------------------------------------------------------------------
@@ -246,10 +240,10 @@ def _replication(args: argparse.Namespace) -> None:
                             "pvsctl vdisks")
         print("no vDisks on any server of the site")
     else:
-        Console(width=None if sys.stdout.isatty() else 160).print(versions_table(versions))
+        print_table(versions_table(versions))
     copies = [c for c in answer.get("replications", []) if isinstance(c, dict)]
     if copies:
-        Console(width=None if sys.stdout.isatty() else 160).print(copies_table(copies))
+        print_table(copies_table(copies))
     for error in answer.get("errors", []):
         print(f"pvsctl: copies on {error.get('server')} are missing: {error.get('error')}",
               file=sys.stderr)

@@ -12,11 +12,11 @@ import argparse
 import json
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from pvsd.console import UserError
 from pvsd.console.client import TIMEOUT, connect, options_parser
+from pvsd.console.output import print_table
 
 MAKE_TIMEOUT = 3600.0
 """A new version copies a whole image where the filesystem cannot share blocks."""
@@ -28,7 +28,7 @@ def add_version_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "versions", parents=common,
         help="versions of a vDisk: state, pending, which servers hold each, targets using it",
     )
-    listing.add_argument("name")
+    listing.add_argument("name", help="the vDisk's name")
     listing.set_defaults(handler=_versions)
 
     version = commands.add_parser("version", help="make, promote, merge and delete versions")
@@ -36,32 +36,34 @@ def add_version_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     new = actions.add_parser(
         "new", parents=common, help="make a maintenance version: a copy of the newest one"
     )
-    new.add_argument("name")
+    new.add_argument("name", help="the vDisk's name")
     new.add_argument("--from", dest="source", type=int, help="start from this version")
     new.set_defaults(handler=_new)
     promote = actions.add_parser(
         "promote", parents=common,
         help="maintenance -> test -> production (default: the newest version not in production)",
     )
-    promote.add_argument("name")
-    promote.add_argument("--version", type=int)
+    promote.add_argument("name", help="the vDisk's name")
+    promote.add_argument(
+        "--version", type=int, help="which version (default: the newest not in production)"
+    )
     promote.add_argument("--to", choices=("test", "production"), help="skip to this state")
     promote.set_defaults(handler=_promote)
     merge = actions.add_parser(
         "merge", parents=common,
         help="make a production version the base: delete the older ones nobody uses",
     )
-    merge.add_argument("name")
+    merge.add_argument("name", help="the vDisk's name")
     merge.add_argument("--version", type=int, help="the new base (default: newest production)")
     merge.set_defaults(handler=_merge)
     delete = actions.add_parser(
         "delete", parents=common, help="delete a version no target uses, on every server"
     )
-    delete.add_argument("name")
-    delete.add_argument("--version", type=int, required=True)
+    delete.add_argument("name", help="the vDisk's name")
+    delete.add_argument("--version", type=int, required=True, help="the version to delete")
     delete.set_defaults(handler=_delete)
     listed = actions.add_parser("list", parents=common, help="the same as `vdisk versions`")
-    listed.add_argument("name")
+    listed.add_argument("name", help="the vDisk's name")
     listed.set_defaults(handler=_versions)
 
 
@@ -86,7 +88,7 @@ def _versions(args: argparse.Namespace) -> None:
                        *odd]) or "-",
             str(row.get("targets", 0)),
         )
-    Console(width=120).print(table)
+    print_table(table)
     for error in answer.get("errors", []):
         print(f"{error.get('server')}: {error.get('error')}")
 

@@ -166,7 +166,9 @@ def raw_request(
 
 def signed(site: Site, index: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     raw = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
-    header = sign(site.key, method, path, raw, time.time_ns() // 1_000_000)
+    header = sign(
+        site.key, method, path, raw, time.time_ns() // 1_000_000, target=site.admin[index]
+    )
     return raw_request(site.admin[index], method, path, raw, header)
 
 
@@ -368,15 +370,18 @@ def test_unauthenticated_requests_are_refused_and_the_server_keeps_serving(site:
     before = site.client(2).get("/v1/site")["admin"]["auth_failures"]
     status, answer = raw_request(address, "GET", "/v1/servers")
     assert status == 401 and "no Authorization header" in answer["error"]
-    wrong = sign(bytes(32), "GET", "/v1/servers", b"", time.time_ns() // 1_000_000)
+    wrong = sign(bytes(32), "GET", "/v1/servers", b"", time.time_ns() // 1_000_000, target=address)
     status, answer = raw_request(address, "GET", "/v1/servers", header=wrong)
     assert status == 401 and "site key" in answer["error"]
-    old = sign(site.key, "GET", "/v1/servers", b"", time.time_ns() // 1_000_000 - 120_000)
+    old = sign(
+        site.key, "GET", "/v1/servers", b"", time.time_ns() // 1_000_000 - 120_000,
+        target=address,
+    )
     status, answer = raw_request(address, "GET", "/v1/servers", header=old)
     assert status == 401 and "NTP" in answer["error"]
     body = json.dumps({"description": "once"}).encode()
     path = "/v1/vdisks/base/settings"
-    header = sign(site.key, "POST", path, body, time.time_ns() // 1_000_000)
+    header = sign(site.key, "POST", path, body, time.time_ns() // 1_000_000, target=address)
     status, answer = raw_request(address, "POST", path, body, header)
     assert status == 200 and answer["ok"], answer
     status, answer = raw_request(address, "POST", path, body, header)

@@ -482,8 +482,13 @@ def test_vdisk_show_lists_properties_and_identity(tmp_path: Path) -> None:
     [shown] = json.loads(result.stdout)
     assert shown["name"] == "win10" and shown["size"] == 3 * MIB
     assert shown["properties"]["version"] == 4
-    assert shown["identity"]["version"] == 4 and len(shown["identity"]["digest"]) == 64
+    # show reads no image: it makes no manifest, and says how to make one
+    assert shown["identity"] is None and shown["manifest_problem"].startswith("no manifest yet")
+    assert not (tmp_path / "win10.manifest").exists()
+    made = pvsctl("vdisk manifest win10 --store", tmp_path)
+    assert made.returncode == 0, made.stderr
     again = pvsctl("vdisk show win10 --json --store", tmp_path)
     assert again.returncode == 0, again.stderr
     [shown_again] = json.loads(again.stdout)
-    assert shown_again["identity"] == shown["identity"]  # the same manifest, not made again
+    identity = shown_again["identity"]
+    assert identity["version"] == 4 and len(identity["digest"]) == 64

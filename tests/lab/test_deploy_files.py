@@ -63,3 +63,21 @@ def test_the_units_verify(unit: str, tmp_path: Path) -> None:
     )
     problems = [line for line in result.stderr.splitlines() if str(tmp_path) in line]
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("unit", ["pvsd.service", "pvs-target@.service"])
+def test_the_units_wait_for_readiness_and_watch_the_loop(unit: str) -> None:
+    """Both programs speak sd_notify (pvsd.sd_notify): READY=1 once they serve, WATCHDOG=1
+    from their event loop. NotifyAccess=main: only the main process may speak for them."""
+    service: dict[str, str] = {}
+    section = ""
+    for line in (DEPLOY / "systemd" / unit).read_text().splitlines():
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            service[name] = value
+    assert service["Type"] == "notify"
+    assert service["NotifyAccess"] == "main"
+    assert service["WatchdogSec"].endswith("s") and int(service["WatchdogSec"][:-1]) >= 10
+    assert int(service["LimitNOFILE"]) >= 4096
