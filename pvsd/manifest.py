@@ -17,8 +17,10 @@ one, and 1.9 GB/s for the SHA-256 pass it replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
+import functools
 import mmap
 import os
 import stat
@@ -459,6 +461,7 @@ async def _pass(
     stop = threading.Event()
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a FIFO must not hang us
     fd = os.open(path, flags)
+    close_now = True
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
@@ -476,21 +479,30 @@ async def _pass(
         pacer = _Pacer(rate)
         ranges = [(i * per, min(size, (i + 1) * per)) for i in range(count)]
         reporter = asyncio.create_task(_report(log, what, path, progress, progress_interval))
+        readers = [
+            loop.run_in_executor(
+                executor, _hash_range, fd, start, end, block_size, sink, progress, pacer, stop,
+            )
+            for start, end in ranges
+        ]
         try:
-            await asyncio.gather(*(
-                loop.run_in_executor(
-                    executor, _hash_range, fd, start, end, block_size, sink, progress, pacer,
-                    stop,
-                )
-                for start, end in ranges
-            ))
+            await asyncio.gather(*readers)
         finally:
             stop.set()  # cancelling the await does not stop the threads; this does
+            busy = [reader for reader in readers if not reader.done()]
+            if busy:
+                # A thread may be about to read: closing now could let the number be reused
+                # for another file, whose bytes it would hash. Close once the last one ends.
+                close_now = False
+                asyncio.gather(*busy, return_exceptions=True).add_done_callback(
+                    functools.partial(_close_quietly, fd)
+                )
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
         after = os.fstat(fd)
     finally:
-        os.close(fd)
+        if close_now:
+            os.close(fd)
     if StatKey.of(before) != StatKey.of(after) or progress.done != size:
         raise ImageChanged(f"{path} changed while it was being read")
     log.info(
@@ -498,6 +510,11 @@ async def _pass(
         seconds=round(time.monotonic() - progress.started, 2),
     )
     return StatKey.of(before, shared=shared)
+
+
+def _close_quietly(fd: int, _done: object) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _reopen_direct(path: Path, fd: int) -> int:
