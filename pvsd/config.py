@@ -31,7 +31,7 @@ from pydantic import (
 
 from pvs_protocol import addresses
 from pvs_protocol.addresses import format_address as format_address
-from pvs_protocol.sizes import parse_size
+from pvs_protocol.sizes import parse_rate, parse_size
 from pvsd.names import InvalidName, validate_server_name
 from pvsd.version import add_version_option
 
@@ -211,8 +211,8 @@ class Settings(BaseModel):
     heartbeat_interval: float = _setting("heartbeat_interval", _SECONDS, gt=0)
     peer_timeout: float = _setting("peer_timeout", _SECONDS, gt=0)
     inventory_interval: float = _setting("inventory_interval", _SECONDS, gt=0)
-    scrub_rate: float = _setting(
-        "scrub_rate", "bytes per second: 0 (no scrub) or a positive number", ge=0
+    scrub_rate: float | str = _setting(
+        "scrub_rate", 'bytes per second: 0 (no scrub), a number, or a rate such as "200M"'
     )
     scrub_interval: float = _setting("scrub_interval", _SECONDS, gt=0)
     io_threads: int = _setting("io_threads", "a whole number from 1 to 1024", ge=1, le=1024)
@@ -220,8 +220,8 @@ class Settings(BaseModel):
         "background_threads", "a whole number from 1 to 64", ge=1, le=64
     )
     stall_timeout: float = _setting("stall_timeout", _SECONDS, gt=0)
-    replication_rate: float = _setting(
-        "replication_rate", "bytes per second: 0 (no limit) or a positive number", ge=0
+    replication_rate: float | str = _setting(
+        "replication_rate", 'bytes per second: 0 (no limit), a number, or a rate such as "100M"'
     )
     rebalance: bool = _setting("rebalance", "true or false (automatic rebalancing on or off)")
     rebalance_trigger: float = _setting(
@@ -277,6 +277,22 @@ class Settings(BaseModel):
             except ValueError:
                 raise ValueError(f"{subnet!r} is not a network such as 10.1.0.0/24") from None
         return value
+
+    @field_validator("scrub_rate", "replication_rate")
+    @classmethod
+    def _rate(cls, value: float | str) -> float:
+        """A number of bytes per second, or the size notation of every tool (``200M``,
+        ``50MiB/s``): pvsctl's --rate reads the same."""
+        if isinstance(value, str):
+            try:
+                rate = float(value)
+            except ValueError:
+                rate = float(parse_rate(value))
+        else:
+            rate = value
+        if not rate >= 0 or rate == float("inf"):
+            raise ValueError(f"{rate!r} is not 0 or a positive number of bytes per second")
+        return rate
 
     @field_validator("reply_budget")
     @classmethod
@@ -351,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="HELLO and LOGIN must be done within this (default 5)")
     add("--watch-interval", type=float, metavar="SECONDS",
         help="seconds between checks of the images for changes (default 1)")
-    add("--scrub-rate", type=float, metavar="BYTES_PER_S",
-        help="bytes/s the background scrub reads (0: no scrub; default 200000000)")
+    add("--scrub-rate", metavar="RATE",
+        help="bytes/s the background scrub reads, e.g. 200M (0: no scrub; default 200000000)")
     add("--scrub-interval", type=float, metavar="SECONDS",
         help="seconds between scrub passes (default 86400)")
     add("--io-threads", type=int, metavar="COUNT",
@@ -361,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"worker threads for hashing and scrub (default {DEFAULT_BACKGROUND_THREADS})")
     add("--stall-timeout", type=float, metavar="SECONDS",
         help="a store that does not answer for this long is stalled (default 1)")
-    add("--replication-rate", type=float, metavar="BYTES_PER_S",
-        help="bytes/s one copy from a peer fetches (0: no limit, the default)")
+    add("--replication-rate", metavar="RATE",
+        help="bytes/s one copy from a peer fetches, e.g. 100M (0: no limit, the default)")
     add("--rebalance", choices=("on", "off"), help="automatic rebalancing (default on)")
     add("--rebalance-trigger", type=float, metavar="PERCENT",
         help="rebalance a server this far above the average load (default 25)")
