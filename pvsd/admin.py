@@ -411,24 +411,10 @@ class AdminServer:
                 results.append(await self.apply_settings(name, changes))
             except ApiError as error:
                 results.append(self.result(False, error=error.message))
-        answers = await self._fan_out(
-            "POST", f"/v1/local/vdisks/{name}/settings", body, PEER_TIMEOUT * 2
+        results += await self._peer_results(
+            "POST", f"/v1/local/vdisks/{name}/settings", body, name,
+            "set it again once it is back, or it keeps its old settings",
         )
-        for server, address, answer in answers:
-            if isinstance(answer, PeerError):
-                results.append(
-                    {"server": server, "admin_address": address, "ok": False, "error": str(answer)}
-                )
-            else:
-                results.append(answer)
-        site = self.server.site
-        for peer in site.peers.values() if site is not None else ():
-            if not peer.up and _holds(peer, name):
-                results.append({
-                    "server": peer.name, "ok": False, "held": True,
-                    "error": f"{peer.name} is down: set it again once it is back, or it keeps "
-                    "its old settings",
-                })
         ok = all(result.get("ok") is True for result in results)
         log.info("admin_vdisk_settings", vdisk=name, changes=changes, peer=request.remote, ok=ok)
         audit.note(request, **audit.settings_before_after(results))
@@ -611,6 +597,16 @@ class AdminServer:
             results.append(await self._self_request(method, path, body, PEER_TIMEOUT * 2))
         except PeerError as error:
             results.append(self.result(False, error=str(error)))
+        return results + await self._peer_results(
+            method, path, body, vdisk, "repeat this once it is back, or it keeps what it had"
+        )
+
+    async def _peer_results(
+        self, method: str, path: str, body: bytes, vdisk: str, when_back: str
+    ) -> list[JSON]:
+        """Each up peer's answer to a local change (or the error it came to), then one failed
+        result per down peer holding ``vdisk``, saying ``when_back``."""
+        results: list[JSON] = []
         for server, address, answer in await self._fan_out(method, path, body, PEER_TIMEOUT * 2):
             if isinstance(answer, PeerError):
                 results.append(
@@ -623,8 +619,7 @@ class AdminServer:
             if not peer.up and _holds(peer, vdisk):
                 results.append({
                     "server": peer.name, "ok": False, "held": True,
-                    "error": f"{peer.name} is down: repeat this once it is back, or it keeps "
-                    "what it had",
+                    "error": f"{peer.name} is down: {when_back}",
                 })
         return results
 

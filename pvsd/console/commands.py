@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import sys
@@ -16,11 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from pvsd.console import UserError, tables
 from pvsd.console.client import TIMEOUT, connect, options_parser
-from pvsd.console.output import print_table
+from pvsd.console.output import answer_list, print_json, print_table
 from pvsd.names import validate_name, validate_server_name
 from pvsd.tls import CERTIFICATE_DAYS, TlsError, check_host, make_site_certificates
 
@@ -73,18 +70,18 @@ def add_site_commands(groups: argparse._SubParsersAction[argparse.ArgumentParser
 
 def _servers(args: argparse.Namespace) -> None:
     answer = connect(args).get("/v1/servers")
-    if _print_json(args, answer):
+    if print_json(args, answer):
         return
-    _print(tables.servers_table(_list(answer, "servers")))
+    print_table(tables.servers_table(answer_list(answer, "servers")))
 
 
 def _forget(args: argparse.Namespace) -> None:
     name = validate_server_name(args.name)
     answer = connect(args).post(f"/v1/servers/{name}/forget", {})
-    if _print_json(args, answer):
+    if print_json(args, answer):
         return
-    failed = [r for r in _list(answer, "results") if r.get("ok") is not True]
-    for result in _list(answer, "results"):
+    failed = [r for r in answer_list(answer, "results") if r.get("ok") is not True]
+    for result in answer_list(answer, "results"):
         if result.get("ok") is not True:
             said = f"NOT forgotten: {result.get('error')}"
         else:
@@ -101,14 +98,14 @@ def _forget(args: argparse.Namespace) -> None:
 
 def _vdisks(args: argparse.Namespace) -> None:
     answer = connect(args).get("/v1/vdisks")
-    if _print_json(args, answer):
+    if print_json(args, answer):
         return
-    vdisks = _list(answer, "vdisks")
+    vdisks = answer_list(answer, "vdisks")
     if not vdisks:
         print("no vDisks on any server of the site")
     else:
-        _print(tables.vdisks_table(vdisks))
-    for error in _list(answer, "errors"):
+        print_table(tables.vdisks_table(vdisks))
+    for error in answer_list(answer, "errors"):
         print(
             f"pvsctl: damage detail and scrub progress of {error.get('server')} are missing: "
             f"{error.get('error')}",
@@ -118,13 +115,13 @@ def _vdisks(args: argparse.Namespace) -> None:
 
 def _targets(args: argparse.Namespace) -> None:
     answer = connect(args).get("/v1/targets")
-    if not _print_json(args, answer):
-        targets = _list(answer, "targets")
+    if not print_json(args, answer):
+        targets = answer_list(answer, "targets")
         if targets:
-            _print(tables.targets_table(targets))
+            print_table(tables.targets_table(targets))
         else:
             print("no target is streaming from the site")
-    for error in _list(answer, "errors"):
+    for error in answer_list(answer, "errors"):
         print(
             f"pvsctl: targets of {error.get('server')} are missing: {error.get('error')}",
             file=sys.stderr,
@@ -134,7 +131,7 @@ def _targets(args: argparse.Namespace) -> None:
 def _stream(args: argparse.Namespace) -> None:
     client = connect(args, timeout=STREAM_TIMEOUT)
     answer = client.post(f"/v1/servers/{args.server}/{args.action}-stream", {})
-    if _print_json(args, answer):
+    if print_json(args, answer):
         return
     state = answer.get("state", "?")
     moved = answer.get("targets_before", 0)
@@ -144,8 +141,8 @@ def _stream(args: argparse.Namespace) -> None:
 
 def _site_status(args: argparse.Namespace) -> None:
     answer = connect(args).get("/v1/site")
-    if not _print_json(args, answer):
-        _print(tables.site_table(answer))
+    if not print_json(args, answer):
+        print_table(tables.site_table(answer))
 
 
 def _keygen(args: argparse.Namespace) -> None:
@@ -237,12 +234,12 @@ def set_through_admin(args: argparse.Namespace, changes: Mapping[str, Any]) -> N
     """``vdisk set`` for the whole site: every server saves the change beside its replica."""
     client = connect(args, timeout=TIMEOUT)
     answer = client.post(f"/v1/vdisks/{args.name}/settings", dict(changes))
-    if _print_json(args, answer):
+    if print_json(args, answer):
         if answer.get("ok") is not True:
             raise UserError(f"vDisk {args.name}: not changed on every server; see 'results'")
         return
     failed = []
-    for result in _list(answer, "results"):
+    for result in answer_list(answer, "results"):
         server = result.get("server", "?")
         if result.get("ok") is not True:
             failed.append(str(server))
@@ -265,21 +262,3 @@ def set_through_admin(args: argparse.Namespace, changes: Mapping[str, Any]) -> N
             f"vDisk {args.name} was not changed on {', '.join(failed)}: its settings now differ "
             "between servers; fix the cause and run the same command again"
         )
-
-
-def _print_json(args: argparse.Namespace, answer: Mapping[str, Any]) -> bool:
-    if getattr(args, "json", False):
-        print(json.dumps(answer, indent=2))
-        return True
-    return False
-
-
-def _list(answer: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
-    value = answer.get(key, [])
-    if not isinstance(value, list):
-        raise UserError(f"the admin API answered without a '{key}' list: is it a pvsd?")
-    return [item for item in value if isinstance(item, dict)]
-
-
-def _print(table: Table) -> None:
-    print_table(table)

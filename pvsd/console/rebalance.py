@@ -15,9 +15,8 @@ from typing import Any
 
 from rich.table import Table
 
-from pvsd.console import UserError
 from pvsd.console.client import connect, options_parser
-from pvsd.console.output import print_table
+from pvsd.console.output import answer_list, print_table
 
 JSON = dict[str, Any]
 
@@ -44,22 +43,22 @@ def _rebalance(args: argparse.Namespace) -> None:
         answer = client.get("/v1/rebalance")
     else:
         answer = client.post("/v1/rebalance", {"dry_run": bool(args.dry_run)})
-    servers = _list(answer, "servers")
+    servers = answer_list(answer, "servers")
     if getattr(args, "json", False):
         print(json.dumps(answer, indent=2))
     elif args.status:
         _print_status(servers)
     else:
         _print_plans(servers, dry_run=bool(args.dry_run))
-    for error in _list(answer, "errors"):
+    for error in answer_list(answer, "errors"):
         print(f"pvsctl: {error.get('server')}: {error.get('error')}", file=sys.stderr)
 
 
 def _print_plans(servers: Sequence[Mapping[str, Any]], *, dry_run: bool) -> None:
-    _print(plans_table(servers))
+    print_table(plans_table(servers))
     moves = [move | {"from": s.get("server")} for s in servers for move in _moves(s)]
     if moves:
-        _print(moves_table(moves, "Planned moves" if dry_run else "Moves"))
+        print_table(moves_table(moves, "Planned moves" if dry_run else "Moves"))
     if dry_run:
         print(
             f"dry run: nothing moved; 'pvsctl rebalance' tells these {len(moves)} targets to "
@@ -88,11 +87,11 @@ def _print_status(servers: Sequence[Mapping[str, Any]]) -> None:
             f"{server.get('trigger_percent')}%", f"{server.get('interval')} s",
             str(server.get("runs")), str(server.get("moved")), verdict,
         )
-    _print(table)
-    moves = [move for s in servers for move in _list(s, "recent_moves")]
+    print_table(table)
+    moves = [move for s in servers for move in answer_list(s, "recent_moves")]
     moves.sort(key=lambda m: str(m.get("at")))
     if moves:
-        _print(moves_table(moves[-40:], "Recent moves"))
+        print_table(moves_table(moves[-40:], "Recent moves"))
     else:
         print("no target was moved by rebalancing yet")
 
@@ -122,15 +121,4 @@ def moves_table(moves: Sequence[Mapping[str, Any]], title: str) -> Table:
 
 
 def _moves(server: Mapping[str, Any]) -> list[JSON]:
-    return _list(server, "moves")
-
-
-def _list(answer: Mapping[str, Any], key: str) -> list[JSON]:
-    value = answer.get(key, [])
-    if not isinstance(value, list):
-        raise UserError(f"the admin API answered without a '{key}' list: is it a pvsd?")
-    return [item for item in value if isinstance(item, dict)]
-
-
-def _print(table: Table) -> None:
-    print_table(table)
+    return answer_list(server, "moves")

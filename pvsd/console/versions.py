@@ -9,14 +9,13 @@ Each command is one request to any server's admin API.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from rich.table import Table
 
 from pvsd.console import UserError
 from pvsd.console.client import TIMEOUT, connect, options_parser
-from pvsd.console.output import print_table
+from pvsd.console.output import print_json, print_table
 
 MAKE_TIMEOUT = 3600.0
 """A new version copies a whole image where the filesystem cannot share blocks."""
@@ -69,7 +68,7 @@ def add_version_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 def _versions(args: argparse.Namespace) -> None:
     answer = connect(args, timeout=TIMEOUT).get(f"/v1/vdisks/{args.name}/versions")
-    if _json(args, answer):
+    if print_json(args, answer):
         return
     table = Table(title=f"versions of {args.name}")
     for column in ("version", "state", "identity", "held by", "lacking", "targets"):
@@ -96,7 +95,7 @@ def _versions(args: argparse.Namespace) -> None:
 def _new(args: argparse.Namespace) -> None:
     body: dict[str, Any] = {} if args.source is None else {"from": args.source}
     answer = connect(args, timeout=MAKE_TIMEOUT).post(f"/v1/vdisks/{args.name}/versions", body)
-    if _json(args, answer):
+    if print_json(args, answer):
         return
     print(f"version {answer.get('version')} of {args.name} made on {answer.get('server')} "
           f"from version {answer.get('from')}: maintenance, {answer.get('short')}")
@@ -116,7 +115,7 @@ def _promote(args: argparse.Namespace) -> None:
         number = candidates[0].get("version")
     body = {} if args.to is None else {"to": args.to}
     answer = client.post(f"/v1/vdisks/{args.name}/versions/{number}/promote", body)
-    if _json(args, answer):
+    if print_json(args, answer):
         _fail_if_partial(args, answer)
         return
     print(f"version {number} of {args.name} is now {answer.get('state')}")
@@ -130,7 +129,7 @@ def _promote(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     body = {} if args.version is None else {"version": args.version}
     answer = connect(args, timeout=TIMEOUT).post(f"/v1/vdisks/{args.name}/merge", body)
-    if _json(args, answer):
+    if print_json(args, answer):
         _fail_if_partial(args, answer)
         return
     print(f"{args.name}: version {answer.get('base')} is the base")
@@ -147,7 +146,7 @@ def _delete(args: argparse.Namespace) -> None:
     answer = connect(args, timeout=TIMEOUT).post(
         f"/v1/vdisks/{args.name}/versions/{args.version}/delete", {}
     )
-    if _json(args, answer):
+    if print_json(args, answer):
         _fail_if_partial(args, answer)
         return
     print(f"version {args.version} of {args.name} deleted")
@@ -169,10 +168,3 @@ def _fail_if_partial(args: argparse.Namespace, answer: dict[str, Any]) -> None:
     if answer.get("ok") is not True:
         raise UserError(f"{args.name}: not done on every server (see above); fix the cause and "
                         "run the same command again")
-
-
-def _json(args: argparse.Namespace, answer: dict[str, Any]) -> bool:
-    if getattr(args, "json", False):
-        print(json.dumps(answer, indent=2))
-        return True
-    return False
