@@ -35,7 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 from harness import PYTHON, image_path, make_vdisk, random_bytes
-from nbd_tools import need, run
+from nbd_tools import end, need, run
 from sites import Site, keygen, private_site, pvsctl
 
 pytestmark = pytest.mark.external
@@ -187,27 +187,16 @@ def attached(
         assert target.ready["event"] == "attached", line
         assert target.ready["nbd"] == f"unix:{nbd}"
         yield target
-        _end(process)  # the test went well: so must the detach
+        end(process)  # the test went well: so must the detach
         assert process.returncode == 0, \
             f"attach exited {process.returncode} on SIGTERM\n{target.log_tail()}"
     finally:
         if process is not None:
-            _end(process)
+            end(process)
             if process.stdout is not None:
                 process.stdout.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
-
-def _end(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
 
 
 def streams_from_another_than(target: Attached, name: str) -> Callable[[], bool]:
@@ -406,7 +395,7 @@ def test_nbdcopy_through_a_failover_mid_copy(tmp_path: Path, act: str) -> None:
                 victim.signal(signal.SIGTERM) if act == "stop" else victim.kill()))
             assert copy.wait(STOP_TIMEOUT) == 0, errors.read_text()
         finally:
-            _end(copy)
+            end(copy)
             if copy.stdout is not None:
                 copy.stdout.close()
         assert acted_at < BIG, "the server went away only after the copy"
@@ -450,7 +439,6 @@ def _drain(
 
 
 # -- Private Image on a shared store ---------------------------------------------------------
-
 
 
 
@@ -582,7 +570,7 @@ def fuse_mounted(uri: str) -> Iterator[Path]:
     finally:
         subprocess.run([*unmount, str(mountpoint)], check=False, timeout=30,
                        capture_output=True)
-        _end(fuse)
+        end(fuse)
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
 

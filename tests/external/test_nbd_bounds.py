@@ -26,7 +26,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 from harness import PYTHON, Pvsd, make_vdisk, running
-from nbd_tools import need, run
+from nbd_tools import end, need, run
 
 from pvs_target.nbd import wire as nbd
 
@@ -51,7 +50,6 @@ MIB = 1 << 20
 KIB = 1 << 10
 VDISK = "disk"
 ATTACH_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
 DEADLINE = 3.0
 """The handshake deadline given to the export here (the default is 10 s)."""
 FLOOD = 1100
@@ -116,27 +114,16 @@ def attached(server: Pvsd, nbd: str, *extra: str) -> Iterator[Attached]:
         assert event["event"] == "attached", line
         target.nbd = event["nbd"]
         yield target
-        _end(process)
+        end(process)
         assert process.returncode == 0, \
             f"attach exited {process.returncode} on SIGTERM\n{target.log_tail()}"
     finally:
         if process is not None:
-            _end(process)
+            end(process)
             if process.stdout is not None:
                 process.stdout.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
-
-def _end(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
