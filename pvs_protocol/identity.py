@@ -73,6 +73,29 @@ class ReplicaIdentity:
             "block_size": self.block_size,
         }
 
+    def token(self) -> str:
+        """The whole identity in one word, for a kernel command line (``pvs.identity=``): a
+        machine that boots a version's kernel must get that version's root, or its modules
+        would not match the kernel."""
+        return (
+            f"{self.version}-{self.timestamp_ns}-{self.size}-{self.block_size}-{self.digest.hex()}"
+        )
+
+    @classmethod
+    def from_token(cls, token: str) -> ReplicaIdentity:
+        """Read :meth:`token`'s form; ValueError names what is wrong."""
+        parts = token.split("-")
+        if len(parts) != 5 or not all(part.isdigit() and part.isascii() for part in parts[:4]):
+            raise ValueError(
+                f"not an identity token (VERSION-TIMESTAMPNS-SIZE-BLOCKSIZE-DIGEST): {token!r}"
+            )
+        version, timestamp_ns, size, block_size = (int(part) for part in parts[:4])
+        try:
+            digest = bytes.fromhex(parts[4])
+        except ValueError:
+            raise ValueError(f"identity token digest is not hexadecimal: {parts[4]!r}") from None
+        return cls(version, timestamp_ns, size, digest, block_size)
+
     @classmethod
     def from_json(cls, data: dict[str, object]) -> ReplicaIdentity:
         version, timestamp_ns, size, digest = (

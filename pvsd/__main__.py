@@ -14,6 +14,7 @@ import structlog
 from pvsd import config as config_module
 from pvsd import locks, sd_notify
 from pvsd.admin import AdminServer
+from pvsd.boot_http import BootServer
 from pvsd.logs import configure
 from pvsd.rebalancing import Rebalancer
 from pvsd.replicator import Replicator
@@ -72,6 +73,9 @@ async def _serve(config: config_module.Config, catalog: Catalog, server: StreamS
             background.append(group.create_task(rebalancer.run(), name="rebalancer"))
         if config.admin_host:
             await admin.start()
+        boot = BootServer(config, server)  # kernels and iPXE scripts (pvsd.boot_http)
+        if config.boot_host:
+            await boot.start()
         notifier = sd_notify.Notifier.from_environment()  # readiness, watchdog (Type=notify)
         status = sd_notify.PvsdStatus(server, loop.time())
         background.append(group.create_task(sd_notify.supervise(notifier, status)))
@@ -79,6 +83,7 @@ async def _serve(config: config_module.Config, catalog: Catalog, server: StreamS
         log.info("shutdown_requested")
         sd_notify.stopping(notifier, "stopping: moving targets to other servers")
         await server.stop()
+        await boot.close()
         await admin.close()
         for task in background:
             task.cancel()

@@ -14,10 +14,12 @@ This server's own part (``/v1/local/...``):
 - ``POST /v1/local/replications``: pull a copy (`Replicator.replicate`);
 - ``GET /v1/local/replications``: this server's copies and their progress;
 - ``GET /v1/local/replicas/{name}/{version}[?digest=ROOT]``: what a receiver needs to know of
-  our copy (identity, state, properties file, manifest size);
-- ``GET .../manifest?digest=ROOT&offset=O&length=L`` and ``GET .../blocks?...``: bytes of our
-  manifest file and of our image, at most `transfer.MAX_REQUEST` per request, never outside
-  the file, and only while our copy still has the identity ``digest`` names;
+  our copy (identity, state, properties file, manifest size, and the size and SHA-256 of each
+  of the version's boot files, `pvsd.boot`);
+- ``GET .../manifest?digest=ROOT&offset=O&length=L``, ``GET .../blocks?...`` and
+  ``GET .../boot/{vmlinuz|initrd|cmdline}?...``: bytes of our manifest file, of our image and
+  of a boot file, at most `transfer.MAX_REQUEST` per request, never outside the file, and only
+  while our copy still has the identity ``digest`` names;
 - ``POST .../damage`` ``{"block": N}``: a receiver got block N wrong twice from us; we read
   it again (a confirmed mismatch makes our copy damaged, as a target's report does).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -37,6 +40,7 @@ from aiohttp import web
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
 from pvs_protocol.modes import VersionState
+from pvsd import boot
 from pvsd import transfer as tr
 from pvsd.admin_common import ApiError, json_object
 from pvsd.balance import Replica, preferred_identity
@@ -45,6 +49,7 @@ from pvsd.names import InvalidName, validate_name
 from pvsd.properties import properties_path
 from pvsd.replicator import ReplicationRefused, Replicator
 from pvsd.store import ImageFile, VDisk
+from pvsd.version_files import BootFileState, file_digest, find_boot_files
 
 if TYPE_CHECKING:
     from pvsd.admin import AdminServer
@@ -75,6 +80,7 @@ class ReplicationApi:
             web.get("/v1/local/replicas/{name}/{version}", self.copy_info),
             web.get("/v1/local/replicas/{name}/{version}/manifest", self.manifest_bytes),
             web.get("/v1/local/replicas/{name}/{version}/blocks", self.image_bytes),
+            web.get("/v1/local/replicas/{name}/{version}/boot/{file}", self.boot_bytes),
             web.post("/v1/local/replicas/{name}/{version}/damage", self.damage_report),
         ]
 
@@ -213,6 +219,7 @@ class ReplicationApi:
             "identity": vdisk.identity.to_json(), "state": str(vdisk.state),
             "properties": text,
             "manifest_bytes": mf.HEADER_SIZE + sum(shape.counts) * DIGEST_SIZE,
+            "boot_files": await self._blocking(_boot_files_info, vdisk),
         })
 
     async def manifest_bytes(self, request: web.Request) -> web.Response:
@@ -229,6 +236,32 @@ class ReplicationApi:
         offset, length = _range(request, vdisk.size, "image")
         data = await self._read(vdisk.file, offset, length)
         return web.Response(body=data, content_type="application/octet-stream")
+
+    async def boot_bytes(self, request: web.Request) -> web.Response:
+        """Bytes of one of the version's boot files (kernel, initramfs, arguments)."""
+        vdisk = self._served_copy(request)
+        state = await self._boot_file(vdisk, request.match_info["file"])
+        offset, length = _range(request, state.size, str(state.path.name))
+        assert state.real is not None
+        try:
+            data = await self._blocking(_read_range, state.real, offset, length)
+        except OSError as error:
+            raise ApiError(
+                409, f"{self.me} could not read {state.path} ({error.strerror})"
+            ) from None
+        if len(data) != length:
+            raise ApiError(409, f"{state.path} on {self.me} changed while it was copied; "
+                                "replicate again")
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def _boot_file(self, vdisk: VDisk, text: str) -> BootFileState:
+        if text not in tuple(boot.BootFile):
+            raise ApiError(404, f"no boot file {text[:40]!r}: vmlinuz, initrd or cmdline")
+        files = await self._blocking(find_boot_files, vdisk.path, vdisk.store.path)
+        state = files[boot.BootFile(text)]
+        if state.real is None:
+            raise ApiError(404, state.problem or f"{self.me} has no {state.path.name}")
+        return state
 
     async def damage_report(self, request: web.Request) -> web.Response:
         """A receiver got a block twice that does not match our manifest: read it again here
@@ -366,6 +399,24 @@ def _name(name: str) -> str:
 
 def _pread(file: ImageFile | ManifestFile, length: int, offset: int) -> bytes:
     return os.pread(file.fd, length, offset)
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as handle:
+        return os.pread(handle.fileno(), length, offset)
+
+
+def _boot_files_info(vdisk: VDisk) -> dict[str, JSON]:
+    """The version's boot files a receiver copies along: size and SHA-256 of each one that
+    can be served (one that cannot is left out, as the boot listener leaves it out)."""
+    info = {}
+    for kind, state in find_boot_files(vdisk.path, vdisk.store.path).items():
+        if state.real is not None:
+            try:
+                info[str(kind)] = {"size": state.size, "sha256": file_digest(state.real)}
+            except OSError:
+                continue
+    return info
 
 
 def _version(request: web.Request) -> int:

@@ -36,6 +36,9 @@ from pvsd.names import InvalidName, validate_server_name
 from pvsd.version import add_version_option
 
 DEFAULT_PORT = 6910
+DEFAULT_BOOT_PORT = 6912
+"""The boot files' port when ``boot_listen`` gives a host alone (6910 streams, 6911 is the
+admin API)."""
 DEFAULT_BACKGROUND_THREADS = max(1, min(4, os.cpu_count() or 1))
 MIB = 1024 * 1024
 
@@ -124,6 +127,10 @@ class Config:
     that do not read their replies cannot make it hold more."""
     metrics: bool = True
     """Serve Prometheus metrics at /metrics on the admin port."""
+    boot_host: str = ""
+    boot_port: int = 0
+    """Kernels, initramfs and iPXE scripts for network boot (plain HTTP, `pvsd.boot_http`);
+    empty host: none."""
 
     @property
     def listen(self) -> str:
@@ -132,6 +139,10 @@ class Config:
     @property
     def admin(self) -> str:
         return format_address(self.admin_host, self.admin_port) if self.admin_host else ""
+
+    @property
+    def boot_listen(self) -> str:
+        return format_address(self.boot_host, self.boot_port) if self.boot_host else ""
 
     @property
     def admin_tls(self) -> bool:
@@ -244,6 +255,9 @@ class Settings(BaseModel):
         "reply_budget", 'a size in bytes of at least 1 MiB, such as 268435456 or "256M"'
     )
     metrics: bool = _setting("metrics", "true or false (serve /metrics on the admin port)")
+    boot_listen: str = Field(
+        default="", description=f'{_ADDRESS} for network boot (plain HTTP), or "off"'
+    )
 
     @field_validator("name")
     @classmethod
@@ -259,6 +273,16 @@ class Settings(BaseModel):
     def _address(cls, value: str) -> str:
         if value and value not in ("off", "none"):
             _address_of(value)
+        return value
+
+    @field_validator("boot_listen")
+    @classmethod
+    def _boot_listen(cls, value: str) -> str:
+        if value and value not in ("off", "none"):
+            try:
+                parse_address(value, default_port=DEFAULT_BOOT_PORT)
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
         return value
 
     @field_validator("peers")
@@ -398,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of unsent replies over all targets, e.g. 512M (default 256M)")
     add("--metrics", choices=("on", "off"),
         help="Prometheus /metrics on the admin port (default on)")
+    add("--boot-listen", metavar="HOST:PORT",
+        help="serve kernels, initramfs and iPXE scripts for network boot there (plain HTTP, "
+        f"unauthenticated; port {DEFAULT_BOOT_PORT} if only a host; default off)")
     return parser
 
 
@@ -419,6 +446,7 @@ def load(argv: list[str] | None = None) -> Config:
         "io_threads", "background_threads", "stall_timeout", "replication_rate", "listen",
         "rebalance_trigger", "rebalance_interval", "boot_window", "admin_tls_cert",
         "admin_tls_key", "admin_tls_ca", "max_connections_per_source", "reply_budget",
+        "boot_listen",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -510,6 +538,10 @@ def _config_of(settings: Settings) -> Config:
         port = values["listen_port"]
         values["admin_host"] = values["listen_host"]
         values["admin_port"] = port + 1 if port else 0
+    if settings.boot_listen not in ("", "off", "none"):
+        values["boot_host"], values["boot_port"] = parse_address(
+            settings.boot_listen, default_port=DEFAULT_BOOT_PORT
+        )
     return Config(**values)
 
 
@@ -627,7 +659,26 @@ def _validate(config: Config) -> None:
             "reply_budget", f"{config.reply_budget} bytes is less than max_request "
             f"({config.max_request}): one largest reply would not fit; raise it",
         )
+    _validate_boot(config)
     _validate_tls(config)
+
+
+def _validate_boot(config: Config) -> None:
+    """Network boot needs a port of its own: the stream and admin ports speak other
+    protocols."""
+    if not config.boot_host:
+        return
+    for key, host, port in (
+        ("listen", config.listen_host, config.listen_port),
+        ("admin", config.admin_host, config.admin_port),
+    ):
+        same_host = host == config.boot_host or _wildcard(host) or _wildcard(config.boot_host)
+        if host and port and port == config.boot_port and same_host:
+            raise _Invalid(
+                "boot_listen", f"{config.boot_listen} takes the port of {key} "
+                f"({format_address(host, port)}): give network boot a port of its own "
+                f"(e.g. {DEFAULT_BOOT_PORT})",
+            )
 
 
 def _validate_tls(config: Config) -> None:

@@ -12,7 +12,8 @@ nothing for it. The exceptions are what only the session sees as it happens, kep
   burst, against some 10 us of CPU per read. A request that went to a worker thread, or a
   rarer one answered on the loop (digests, a flush with nothing to write), is observed on
   its own.
-- the bytes of sessions that ended (live sessions are read at scrape time).
+- the bytes of sessions that ended (live sessions are read at scrape time);
+- the requests of the network boot listener (`pvsd.boot_http`), by file and outcome.
 
 Prometheus cannot sign requests, so ``/metrics`` is served without the admin signature when
 the configuration's ``metrics`` is true (the default): read-only, and nothing in it is a
@@ -61,6 +62,10 @@ LATENCY_BOUNDS = (
 _BUCKET_LABELS = [f"{bound:g}" for bound in LATENCY_BOUNDS] + ["+Inf"]
 REPLICA_STATUSES = ("identical", "different", "damaged", "pending")
 STREAM_STATES = ("serving", "stopping", "stopped")
+BOOT_FILES = ("chain", "script", "vmlinuz", "initrd", "other")
+"""What a network boot request asked for: the chain script (no device yet), a device's
+script, the kernel, the initramfs, or a path that is none of them."""
+BOOT_OUTCOMES = ("ok", "refused", "not_found", "unavailable", "error")
 
 
 class RequestStats:
@@ -109,9 +114,46 @@ class RequestStats:
             yield name, cumulative, self.sums[op]
 
 
+class BootStats:
+    """Requests of the network boot listener, counted as they are answered."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def answered(self, file: str, status: int) -> None:
+        """One request for ``file`` (one of `BOOT_FILES`) answered with HTTP ``status``."""
+        self.counts[file if file in BOOT_FILES else "other", boot_outcome(status)] += 1
+
+
+def boot_outcome(status: int) -> str:
+    """ok (the file or script, also in part or not modified), refused (a bad request),
+    not_found (no such vDisk, version or file here), unavailable (nothing to boot now),
+    error (pvsd's own fault)."""
+    if status < 400:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    if status < 500:
+        return "refused"
+    return "unavailable" if status == 503 else "error"
+
+
 _REQUESTS: weakref.WeakKeyDictionary[StreamServer, RequestStats] = weakref.WeakKeyDictionary()
 """One per server, kept beside it rather than on it so that all of this bookkeeping is in
 this module; weak, so that a server gone (in tests) takes its figures along."""
+
+
+_BOOT: weakref.WeakKeyDictionary[StreamServer, BootStats] = weakref.WeakKeyDictionary()
+
+
+def boot_requests_of(server: StreamServer) -> BootStats:
+    """The server's BootStats (made on first use): its boot listener reports into it."""
+    stats = _BOOT.get(server)
+    if stats is None:
+        stats = _BOOT[server] = BootStats()
+    return stats
 
 
 def requests_of(server: StreamServer) -> RequestStats:
@@ -161,6 +203,7 @@ class PvsdCollector(Collector):
         yield from self._replicas()
         yield from self._jobs()
         yield from self._admin()
+        yield from self._boot()
 
     def _server(self) -> Iterator[Metric]:
         admin, server = self.admin, self.admin.server
@@ -366,6 +409,20 @@ class PvsdCollector(Collector):
         for reason, count in sorted(admin.auth_failures.items()):
             failures.add_metric([reason], count)
         yield failures
+
+    def _boot(self) -> Iterator[Metric]:
+        if not self.admin.config.boot_host:
+            return
+        counts = boot_requests_of(self.admin.server).counts
+        family = CounterMetricFamily(
+            "pvsd_boot_requests", "Requests to the network boot listener, by what was asked "
+            "for (chain, script, vmlinuz, initrd, other) and outcome (ok, refused, not_found, "
+            "unavailable, error).", labels=["file", "outcome"],
+        )
+        for file in BOOT_FILES:
+            for outcome in BOOT_OUTCOMES:
+                family.add_metric([file, outcome], counts[file, outcome])
+        yield family
 
 
 def _keys(*sources: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:

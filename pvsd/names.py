@@ -4,7 +4,9 @@ and for server names (from the configuration, the console and the admin API).
 A vDisk name becomes a file name in the store (``NAME.img``), so anything that could climb out
 of the directory, hide a file or confuse a shell is refused here rather than escaped later. A
 server name is shown in every table, log line and URL path of the site (and names the lock
-files of its sessions), so it follows the same safe set.
+files of its sessions), so it follows the same safe set. A device id that pvsd writes into a
+kernel command line (network boot, `pvsd.boot`) must be one word that neither the kernel nor
+iPXE reads as anything but itself: `validate_device_id`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import re
 MAX_LENGTH = 64
 _PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _RULE = "use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+MAX_DEVICE_ID = 128
+"""What a LOGIN accepts (`pvsd.session`)."""
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_DEVICE_RULE = (
+    "use 1 to 128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit "
+    "(a MAC address as 52-54-00-12-34-56, as iPXE's ${mac:hexhyp} writes it)"
+)
 
 
 class InvalidName(ValueError):
@@ -49,3 +58,12 @@ def is_valid_name(name: str) -> bool:
     except InvalidName:
         return False
     return True
+
+
+def validate_device_id(device_id: str) -> str:
+    """Return ``device_id`` unchanged if it is safe on a kernel command line and in a URL,
+    else raise `InvalidName` (a LOGIN accepts more; a boot script never writes more)."""
+    if _DEVICE_ID.fullmatch(device_id) is None:
+        shown = device_id if len(device_id) <= MAX_DEVICE_ID else device_id[:MAX_DEVICE_ID] + "..."
+        raise InvalidName(f"device id {shown!r} is not a device id; {_DEVICE_RULE}")
+    return device_id

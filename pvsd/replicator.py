@@ -17,10 +17,13 @@ main task group, and goes through these steps (`transfer.Step`):
    bucket; every block is checked against its leaf digest before it is written; a bad block is
    fetched once more, and a second bad answer fails the copy naming the source as suspect;
    blocks the manifest says are zeros are never fetched (the copy stays sparse);
-6. fsync, set the version's state in the properties file to the source's (or write the
-   source's properties file when there is none), write ``NAME@N.manifest``, link the image
-   into place as ``NAME@N.img``, record it as verified with its final stat key (so the catalog
-   does not read it again) and remove the record.
+6. fetch the version's boot files the source has (kernel, initramfs, arguments: `pvsd.boot`)
+   whole, each under a temporary name (``.NAME@N.vmlinuz.partial``), checked against the
+   size and SHA-256 the source gave (they are not in the manifest);
+7. fsync, set the version's state in the properties file to the source's (or write the
+   source's properties file when there is none), write ``NAME@N.manifest``, rename the boot
+   files into place, link the image into place as ``NAME@N.img``, record it as verified with
+   its final stat key (so the catalog does not read it again) and remove the record.
 
 Killing pvsd leaves the record and the partial image: at the next start the copy resumes by
 itself (step 1). A failed copy keeps its partial image and a record saying why: it is shown,
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import time
@@ -47,7 +51,7 @@ from structlog.typing import FilteringBoundLogger
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import DIGEST_SIZE, ReplicaIdentity
 from pvs_protocol.modes import VersionState
-from pvsd import admin_auth
+from pvsd import admin_auth, boot
 from pvsd import transfer as tr
 from pvsd.config import Config
 from pvsd.identity import StatKey, Verified, write_verified
@@ -85,6 +89,9 @@ MAX_ANSWER = tr.MAX_REQUEST + 65536
 """The largest answer read from a source: a range of bytes, or a page of JSON."""
 KEEP_FINISHED = 64
 """Finished copies (done or failed) kept for the API, newest first."""
+MAX_BOOT_FILE = 1 << 30
+"""A boot file larger than this (a kernel is some 10 MiB, an initramfs some 100) is not
+copied: the copy fails naming it."""
 
 
 class ReplicationRefused(Exception):
@@ -438,7 +445,8 @@ class Replicator:
         job.step = tr.Step.FINISHING
         await self.blocking(_fsync, partial)
         del partial
-        await self._finish(job, manifest, info, bound)
+        boot_files = await self._fetch_boot_files(job, source, address, base, query, info, bound)
+        await self._finish(job, manifest, info, bound, boot_files)
 
     async def _find_source(self, job: Job) -> tuple[str, str]:
         """A serving server holding exactly the identity: the one named, else another."""
@@ -581,8 +589,61 @@ class Replicator:
         except BaseExceptionGroup as group:  # the first failure stopped the other workers
             raise _first(group) from None
 
+    async def _fetch_boot_files(
+        self, job: Job, source: str, address: str, base: str, query: str, info: dict[str, Any],
+        bound: FilteringBoundLogger,
+    ) -> list[tuple[Path, Path]]:
+        """The source's boot files of the version, each whole under a temporary name beside
+        the partial image: (temporary, final) pairs, renamed by `_finish`. Small next to an
+        image, so fetched again whole when a copy resumes."""
+        offered = info.get("boot_files") or {}
+        if not isinstance(offered, dict):
+            raise CopyFailed(f"{source} described the version's boot files in a way this pvsd "
+                             "does not understand; run the same pvs version on every server")
+        fetched: list[tuple[Path, Path]] = []
+        try:
+            for kind in boot.BootFile:
+                about = offered.get(str(kind))
+                if about is None:
+                    continue
+                size, digest = _boot_file_info(source, kind, about)
+                final = job.store.path / boot.file_name(boot.stem_of(job.image.name), kind)
+                temporary = job.store.path / f".{final.name}{tr.PARTIAL_SUFFIX}"
+                fetched.append((temporary, final))
+                data = hashlib.sha256()
+                handle = ImageFile(os.open(
+                    temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o644,
+                ))
+                for offset in range(0, size, tr.MAX_REQUEST):
+                    length = min(tr.MAX_REQUEST, size - offset)
+                    await asyncio.sleep(job.bucket.reserve(length, time.monotonic()))
+                    piece = await self._get(
+                        source, address,
+                        f"{base}/boot/{kind}?{query}&offset={offset}&length={length}",
+                    )
+                    if len(piece) != length:
+                        raise CopyFailed(f"{source} sent {len(piece)} bytes of {final.name} "
+                                         f"where {length} were asked for; replicate again")
+                    data.update(piece)
+                    await self.blocking(_write, handle, piece, offset)
+                if data.hexdigest() != digest:
+                    raise CopyFailed(
+                        f"{final.name} from {source} does not match the SHA-256 it gave: it "
+                        "changed while it was copied, or was damaged on the way; replicate again"
+                    )
+                await self.blocking(_fsync, handle)
+                del handle
+                bound.info("replication_boot_file", file=final.name, bytes=size, source=source)
+        except BaseException:
+            for temporary, _final in fetched:
+                temporary.unlink(missing_ok=True)
+            raise
+        return fetched
+
     async def _finish(
-        self, job: Job, manifest: mf.Manifest, info: dict[str, Any], bound: FilteringBoundLogger
+        self, job: Job, manifest: mf.Manifest, info: dict[str, Any], bound: FilteringBoundLogger,
+        boot_files: list[tuple[Path, Path]],
     ) -> None:
         record, image = job.record, job.image
         if image.exists() and not os.path.samefile(image, job.partial):
@@ -590,6 +651,8 @@ class Replicator:
                              "nothing was replaced: remove one of them and replicate again")
         await self.blocking(self._set_properties, image, record.version, info)
         await self.blocking(write_manifest, image, manifest)
+        for temporary, final in boot_files:  # before the image: a version boots once served
+            await self.blocking(os.replace, temporary, final)
         await self.blocking(_put_in_place, job.partial, image, manifest.created_ns)
         key = StatKey.of(os.stat(image), shared=job.store.shared)
         top = mf.node_digest(manifest.levels[-1])
@@ -697,6 +760,23 @@ class Replicator:
                 reason = body[:200].decode("utf-8", "replace")
             raise CopyFailed(f"{source} ({address}) refused the copy: {reason}")
         return body
+
+
+def _boot_file_info(source: str, kind: boot.BootFile, about: object) -> tuple[int, str]:
+    """Size and SHA-256 of a boot file as the source describes it, checked."""
+    if isinstance(about, dict):
+        size, digest = about.get("size"), about.get("sha256")
+        if (
+            isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_BOOT_FILE
+            and isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest)
+        ):
+            return size, digest
+        if isinstance(size, int) and size > MAX_BOOT_FILE:
+            raise CopyFailed(f"the {kind.what} of the version on {source} is {size} bytes, more "
+                             f"than {MAX_BOOT_FILE} copied along with a version: check it")
+    raise CopyFailed(f"{source} described the version's {kind} file in a way this pvsd does "
+                     "not understand; run the same pvs version on every server")
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -8,15 +8,21 @@ copy made twice is two versions, never one.
 
 Order matters because pvsd watches the store: the state goes into the properties file first
 (a maintenance version must never be advertised as production, not even for one poll), then
-the manifest, then the image appears under its final name by a rename, and only then the
-verified record (the rename changes the image's ctime, which the record holds).
+the manifest, then the version's boot files (`pvsd.boot`: kernel, initramfs, arguments, each
+copied under a temporary name and renamed), then the image appears under its final name by a
+rename, and only then the verified record (the rename changes the image's ctime, which the
+record holds). A version is deleted with its boot files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import hashlib
 import os
+import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +31,7 @@ import structlog
 
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import ReplicaIdentity
-from pvsd import locks
+from pvsd import boot, locks
 from pvsd.identity import StatKey, Verified, cache_path, write_verified
 from pvsd.manifest import manifest_path, write_manifest
 from pvsd.properties import properties_path, set_version_state
@@ -64,16 +70,17 @@ def make_version(
         ) from None
     new = manifest.restamped(version, created_ns if created_ns is not None else time.time_ns())
     temporary = store / f".{target.name}.new"
+    copied: list[Path] = []
     try:
         set_version_state(properties_path(target), version, state)
         _copy_sparse(source, temporary, manifest.size, progress)
         write_manifest(target, new)
+        copy_boot_files(source, target, store, copied)
         os.rename(temporary, target)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        with contextlib.suppress(OSError):
-            os.unlink(manifest_path(target))
+        for path in (temporary, manifest_path(target), *copied):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise VersionFileError(
             f"cannot make {target}: {error.strerror or error}; free space or fix the store's "
             "permissions, then try again"
@@ -83,11 +90,94 @@ def make_version(
     return new.identity
 
 
+def copy_boot_files(
+    source: Path, target: Path, store: Path, copied: list[Path] | None = None
+) -> list[Path]:
+    """Copy the boot files of image ``source``'s version that the boot listener would serve
+    (`find_boot_files`) to the names of image ``target``'s version (``deb@1.vmlinuz`` ->
+    ``deb@2.vmlinuz``), in ``store``: each under a temporary name, then renamed. Returns (and
+    appends to ``copied``) the files made, for a caller that must undo them."""
+    made = copied if copied is not None else []
+    targets = boot.file_names(boot.stem_of(target.name))
+    for kind, state in find_boot_files(source, store).items():
+        origin = state.real
+        if origin is None:
+            continue
+        final = target.parent / targets[kind]
+        temporary = target.parent / f".{final.name}.new"
+        try:
+            shutil.copyfile(origin, temporary)
+            os.rename(temporary, final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        made.append(final)
+    return made
+
+
+def boot_paths(image: Path) -> list[Path]:
+    """Where the boot files of image ``image``'s version are (whether they exist or not)."""
+    return [image.parent / name for name in boot.file_names(boot.stem_of(image.name)).values()]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BootFileState:
+    """One boot file of a version as found in its store."""
+
+    path: Path
+    """Where it belongs, beside the image."""
+    real: Path | None = None
+    """The file to read (symlinks followed), when it can be served."""
+    problem: str = ""
+    """Why it cannot be served although something is there ("" when it can, or is absent)."""
+    size: int = 0
+
+
+def find_boot_files(image: Path, store: Path) -> dict[boot.BootFile, BootFileState]:
+    """The boot files of image ``image``'s version in ``store``. One that leads out of the
+    store, or is not a regular file, is refused as the store refuses such an image. Blocking."""
+    root = store.resolve()
+    found = {}
+    for kind, name in boot.file_names(boot.stem_of(image.name)).items():
+        path = image.parent / name
+        try:
+            real = path.resolve(strict=True)
+            result = os.stat(real)
+        except FileNotFoundError:
+            found[kind] = BootFileState(path)
+            continue
+        except (OSError, RuntimeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            found[kind] = BootFileState(path, problem=f"cannot read {path}: {reason}")
+            continue
+        if not real.is_relative_to(root):
+            found[kind] = BootFileState(
+                path, problem=f"{path} leads to {real}, outside the store: copy the file into it"
+            )
+        elif not stat.S_ISREG(result.st_mode):
+            found[kind] = BootFileState(
+                path, problem=f"{path} is not a regular file: put the {kind.what} there"
+            )
+        else:
+            found[kind] = BootFileState(path, real, size=result.st_size)
+    return found
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a boot file (hex), so that a copy fetched in pieces is known whole. Blocking."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def delete_version(image: Path, version: int) -> list[str]:
-    """Remove a version's image, manifest, verified record and lock, and forget its state.
-    Returns the names of the files removed."""
+    """Remove a version's image, manifest, verified record, lock and boot files, and forget
+    its state. Returns the names of the files removed."""
     removed = []
-    for path in (image, manifest_path(image), cache_path(image), locks.lock_path(image)):
+    for path in (
+        image, manifest_path(image), cache_path(image), locks.lock_path(image),
+        *boot_paths(image),
+    ):
         try:
             os.unlink(path)
         except FileNotFoundError:

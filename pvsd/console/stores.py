@@ -5,7 +5,9 @@ So nothing is hashed here, nothing is written, and no manifest is made: each ima
 header is read (with its top page, to catch a damaged file), and whether the image was checked
 against it is taken from the record pvsd and `pvsctl vdisk verify` leave beside it
 (`pvsd.identity.Verified`, valid only while the image's stat key is unchanged). An image
-without a manifest is shown as such, with the command that makes one.
+without a manifest is shown as such, with the command that makes one. Whether a version can
+be booted over the network (its kernel and initramfs beside the image, `pvsd.boot`) is shown
+too.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 import structlog
 
 from pvs_protocol.modes import VersionState
+from pvsd import boot
 from pvsd.console import UserError
 from pvsd.console import manifests as mfc
 from pvsd.console.tables import human_size
 from pvsd.identity import read_verified
 from pvsd.store import Store, VDisk
+from pvsd.version_files import BootFileState, find_boot_files
 
 _log = structlog.get_logger("pvsctl")
 _NO_MANIFEST = "no manifest yet"
@@ -40,6 +44,16 @@ class Listed:
     """The image was checked whole against this manifest and has not changed since."""
     recorded: bool = False
     """A check of the image was recorded (`verified` is False if it changed since)."""
+    boot_files: dict[boot.BootFile, BootFileState] = dataclasses.field(default_factory=dict)
+    """The version's boot files as the boot listener would find them."""
+
+    @property
+    def bootable(self) -> bool:
+        """Its kernel and initramfs can be served (pvsd's boot_listen)."""
+        return all(
+            kind in self.boot_files and self.boot_files[kind].real is not None
+            for kind in boot.SERVED
+        )
 
     @property
     def state(self) -> VersionState:
@@ -58,7 +72,12 @@ def list_stores(paths: Sequence[Path], name: str | None) -> list[Listed]:
         for store in stores:
             store.poll()
         found = _first_of_each(stores)
-        listed = [_listed(vdisk) for vdisk in found]
+        listed = [
+            dataclasses.replace(
+                _listed(vdisk), boot_files=find_boot_files(vdisk.path, vdisk.store.path)
+            )
+            for vdisk in found
+        ]
     finally:
         for store in stores:
             store.close()
@@ -122,7 +141,7 @@ def _versions_of(name: str, listed: list[Listed]) -> list[Listed]:
 
 COLUMNS = (
     "Name", "Size", "Mode", "Version", "Maint.", "Served by", "Affinity", "Block", "Manifest",
-    "Checked", "Description",
+    "Checked", "Boot", "Description",
 )
 
 
@@ -139,6 +158,7 @@ def row(item: Listed) -> tuple[str, ...]:
         str(properties.block_size),
         _manifest_text(item),
         checked_text(item),
+        "yes" if item.bootable else "-",
         properties.description,
     )
 
@@ -196,6 +216,11 @@ def to_json(item: Listed) -> dict[str, object]:
         "manifest": mfc.manifest_json(manifest) if manifest is not None else None,
         "manifest_problem": item.problem or None,
         "verified": item.verified,
+        "boot": item.bootable,
+        "boot_files": {
+            str(kind): str(state.real) if state.real is not None else None
+            for kind, state in item.boot_files.items()
+        },
         "damage": {
             "first_offset": min(vdisk.size, manifest.size) // manifest.block_size
             * manifest.block_size,

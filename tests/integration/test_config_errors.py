@@ -22,6 +22,7 @@ CASES = {
     "log_json": ('log_json = "yes"', 'expected true or false, found the string "yes"'),
     "site_key": ('site_key = "00"', "unknown setting; known settings: "),
     "reply_budget": ('reply_budget = "lots"', "'lots' is not understood"),
+    "boot_listen": ('boot_listen = "10.0.0.5:boot"', "port 'boot' is not a number"),
 }
 
 

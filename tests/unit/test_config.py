@@ -52,6 +52,7 @@ def refusal(argv: list[str]) -> str:
         ("peer_timeout = 0", "peer_timeout", "positive", "the number 0"),
         ("power = inf", "power", "a number", "the number inf"),
         ("max_connections_per_source = 0", "max_connections_per_source", "from 1", "the number 0"),
+        ("boot_listen = 6912", "boot_listen", "for network boot (plain HTTP)", "the number 6912"),
     ],
 )
 def test_a_wrong_type_or_range_names_file_key_expected_and_found(
@@ -189,3 +190,25 @@ def test_the_file_itself_must_be_readable_toml(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("power = \n")
     assert "not valid TOML" in refusal(["--config", str(path)])
+
+
+def test_boot_listen_is_an_address_of_its_own(tmp_path: Path) -> None:
+    base: dict[str, object] = {"name": "a", "stores": ["/s"], "listen": "127.0.0.1:7000"}
+    assert from_mapping(base).boot_listen == ""
+    assert from_mapping(base | {"boot_listen": "off"}).boot_listen == ""
+    config = from_mapping(base | {"boot_listen": "10.0.0.5"})
+    assert (config.boot_host, config.boot_port) == ("10.0.0.5", 6912)
+    assert from_mapping(base | {"boot_listen": ":8080"}).boot_listen == "0.0.0.0:8080"
+    assert from_mapping(base | {"boot_listen": "[fd00::5]:80"}).boot_listen == "[fd00::5]:80"
+    path = write(tmp_path, 'boot_listen = "10.0.0.5:http"')
+    message = refusal(["--config", str(path)])
+    assert message.startswith(f"{path}: boot_listen: address '10.0.0.5:http': port"), message
+    message = refusal(["--name", "a", "--store", "/s", "--admin", "off",
+                       "--boot-listen", "bad host:1"])
+    assert message.startswith("--boot-listen: address 'bad host:1'"), message
+    for clash in ("127.0.0.1:7000", "0.0.0.0:7000"):
+        with pytest.raises(ConfigError, match=r"boot_listen: .* takes the port of listen"):
+            from_mapping(base | {"boot_listen": clash})
+    config = load(["--name", "a", "--store", "/s", "--admin", "off",
+                   "--boot-listen", "127.0.0.2:6912"])
+    assert config.boot_listen == "127.0.0.2:6912"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pvsd.names import InvalidName, is_valid_name, validate_name
+from pvsd.names import InvalidName, is_valid_name, validate_device_id, validate_name
 
 
 @pytest.mark.parametrize("name", ["a", "win10", "Win10-LTSC_2021.v2", "0", "x" * 64, "a.b-c_d"])
@@ -44,3 +44,21 @@ def test_every_accepted_name_is_a_plain_file_name(name: str) -> None:
         assert "/" not in name and "\x00" not in name and ".." not in name
         assert name[0].isascii() and name[0].isalnum()
         assert name.isascii() and name.isprintable()
+
+
+@pytest.mark.parametrize(
+    "device", ["52-54-00-12-34-56", "lab-7", "admin-pc", "a", "x" * 128, "host.example:eth0"]
+)
+def test_accepts_device_ids_safe_on_a_kernel_command_line(device: str) -> None:
+    assert validate_device_id(device) == device
+
+
+@given(st.text(max_size=140))
+def test_every_accepted_device_id_is_one_plain_word(device: str) -> None:
+    try:
+        validate_device_id(device)
+    except InvalidName as error:
+        assert "is not a device id" in str(error)
+        return
+    assert 1 <= len(device) <= 128 and device.isascii() and device.isprintable()
+    assert not any(c in device for c in " \t\"'$\\/&|#=")
