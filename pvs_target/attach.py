@@ -26,6 +26,7 @@ from pvs_protocol.addresses import (
     parse_address,
     parse_endpoint,
 )
+from pvs_protocol.identity import ReplicaIdentity
 from pvs_target.connection import ClientError
 from pvs_target.control import DEFAULT_PATH, ControlServer, query
 from pvs_target.export import add_nbd_options, export_status, status_lines
@@ -34,6 +35,7 @@ from pvs_target.login import LoginError
 from pvs_target.logs import configure_logging
 from pvs_target.loop import run
 from pvs_target.notation import NOTATION
+from pvs_target.rootfs import exec_as_root_storage, protect
 from pvs_target.sockets import ClaimError, Holder, SocketClaim
 from pvs_target.units import positive_size
 
@@ -88,6 +90,13 @@ def add_commands(commands: Any, address: Any, default_device: str) -> None:
                         metavar="HOST:PORT", help="serve Prometheus metrics at "
                         "http://HOST:PORT/metrics (no authentication: bind it to loopback or a "
                         "management network)")
+    attach.add_argument("--pin", type=_identity_token, metavar="IDENTITY",
+                        help="stream exactly this version from the first login (an identity "
+                        "token, as pvsd's boot script gives a machine whose kernel came from it)")
+    attach.add_argument("--root-storage", action="store_true",
+                        help="this target holds the machine's root file system: outlive "
+                        "systemd's shutdown (argv[0] @pvs-target), ignore SIGTERM and SIGINT, "
+                        "never be chosen by the OOM killer (see docs/diskless.md)")
     add_nbd_options(attach)
     attach.set_defaults(handler=attach_command)
 
@@ -102,6 +111,13 @@ class AttachFailed(Exception):
     """Attaching cannot go on; the message says why and what to do, in one line."""
 
 
+def _identity_token(text: str) -> ReplicaIdentity:
+    try:
+        return ReplicaIdentity.from_token(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _nbd_endpoint(text: str) -> Endpoint:
     return parse_endpoint(text, default_port=NBD_PORT, nbd=True)
 
@@ -110,6 +126,10 @@ def attach_command(args: argparse.Namespace) -> int:
     """Everything that can go wrong before the target is attached is checked first, in the
     order that costs the user least (the command line, the paths, then the servers), and told
     as one line with exit code 2."""
+    if args.root_storage:
+        exec_as_root_storage()
+        for problem in protect():
+            log.warning("root_storage_unprotected", problem=problem)
     claims: list[SocketClaim] = []
     try:
         _check_options(args)
@@ -190,7 +210,9 @@ async def _attach(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         give_up_after=args.give_up_after, checksum=not args.no_checksum,
     )
-    stream = VDiskStream(args.server, args.vdisk, args.device_id, settings=settings)
+    stream = VDiskStream(
+        args.server, args.vdisk, args.device_id, settings=settings, pin=args.pin
+    )
     try:
         await stream.open()
     except GaveUp:
@@ -214,7 +236,10 @@ async def _serve(args: argparse.Namespace, stream: VDiskStream) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        if args.root_storage:
+            loop.add_signal_handler(signum, _keep_root, signal.Signals(signum).name)
+        else:
+            loop.add_signal_handler(signum, stop.set)
     export = reporting = None
     try:
         if args.nbd:
@@ -249,6 +274,12 @@ async def _serve(args: argparse.Namespace, stream: VDiskStream) -> int:
             await export.wait_closed()
         await control.close()
     return 0
+
+
+def _keep_root(signal_name: str) -> None:
+    log.warning("root_storage_signal_ignored", signal=signal_name,
+                advice="this target holds the root file system: it ends when the machine "
+                "powers off")
 
 
 def status_command(args: argparse.Namespace) -> int:

@@ -138,9 +138,11 @@ class VDiskStream:
         settings: FailoverSettings | None = None,
         log: FilteringBoundLogger | None = None,
         wait_for_first: bool = True,
+        pin: ReplicaIdentity | None = None,
     ) -> None:
         """``wait_for_first``: retry the first login like a failover (a machine booting
-        while its servers start); False fails ``open`` at once (a one-off copy)."""
+        while its servers start); False fails ``open`` at once (a one-off copy). ``pin``: the
+        first login already asks for this exact version (a machine whose kernel came from it)."""
         self.bootstrap = list(servers)
         self.wait_for_first = wait_for_first
         self.vdisk = vdisk
@@ -152,7 +154,7 @@ class VDiskStream:
         """The session requests go to; None while there is none."""
         self.last_session: Session | None = None
         """The latest session, kept while we wait for the next: it says what we stream."""
-        self.identity: ReplicaIdentity | None = None
+        self.identity: ReplicaIdentity | None = pin
         self.verification: ReadVerifier | None = None
         """Checks every block read, once the first login was to a read-only image."""
         self.history: list[FailoverRecord] = []
@@ -596,7 +598,7 @@ class VDiskStream:
 
     def _switch(self, key: int) -> None:
         session = self._sessions[key]
-        if self.identity is None:
+        if self.last_session is None:  # the first session: what we stream from now on
             self.identity = session.identity
             if session.read_only:  # pinned for good: every later login is pinned to it
                 self.verification = ReadVerifier(session.identity, log=self.log)
