@@ -21,6 +21,7 @@ Run as root (debootstrap, chroot). Nothing outside WORKDIR changes.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -192,6 +193,16 @@ def build(workdir: Path, *, check: bool, size: str, suite: str, mirror: str) -> 
     if os.geteuid() != 0:
         raise BuildError("run as root: debootstrap and chroot need it")
     workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            step(f"waiting for another build in {workdir} to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(workdir, check=check, size=size, suite=suite, mirror=mirror)
+
+
+def _build(workdir: Path, *, check: bool, size: str, suite: str, mirror: str) -> Path:
     tree, out = workdir / "tree", workdir / "out"
     out.mkdir(exist_ok=True)
     debootstrap(tree, suite, mirror)

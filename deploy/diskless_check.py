@@ -12,7 +12,8 @@ that the host reads (the VM test, ``./scripts/demo vm``), never over the network
 - every pass ends with one line: ``PASS n files f read r MiB wrote w MiB errors e``; any
   failure is a ``FAIL`` line naming the file and the error;
 - the host may send ``status`` (answered by ``STATUS`` and pvs-target's status as JSON on
-  one line), ``stop`` (the passes end; ``STOPPED n errors e``) and ``poweroff``.
+  one line), ``mem`` (``MEM`` and where the memory goes), ``stop`` (the passes end;
+  ``STOPPED n errors e``) and ``poweroff``.
 
 Uses the standard library only: it runs on the machine's own Python.
 """
@@ -134,6 +135,22 @@ def status_line() -> str:
     return "STATUS " + " ".join(text.split())
 
 
+def memory_line() -> str:
+    """Where the machine's memory goes: pvs-target's resident set, its runtime's tmpfs, and
+    what is left (KiB)."""
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.split()[0]
+    pid = Path("/run/sendsigs.omit.d/pvs-target").read_text().strip()
+    rss = next((line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")), "?")
+    usage = os.statvfs("/run/pvs-target")
+    runtime = (usage.f_blocks - usage.f_bfree) * usage.f_frsize >> 10
+    return (f"MEM pvs-target_rss_kib {rss} runtime_tmpfs_kib {runtime} "
+            f"total_kib {fields['MemTotal']} available_kib {fields['MemAvailable']}")
+
+
 def main() -> int:
     port = Port(sys.argv[1] if len(sys.argv) > 1 else "/dev/ttyS1")
     workload = Workload(port)
@@ -144,6 +161,8 @@ def main() -> int:
     for command in port.lines():
         if command == "status":
             port.say(status_line())
+        elif command == "mem":
+            port.say(memory_line())
         elif command == "stop":
             workload.stopping.set()
             worker.join()
