@@ -13,10 +13,14 @@ from the identity (see ``pvsd/manifest.py``).
 from __future__ import annotations
 
 import dataclasses
+import string
 
 DIGEST_SIZE = 32
 """The manifest's root digest (keyed BLAKE3, 256 bits)."""
 DEFAULT_BLOCK_SIZE = 16384
+TOKEN_FIELDS = (("version", 32), ("timestamp", 64), ("size", 64), ("block size", 32))
+"""The token's numbers and their widths in a pinned login (``pvs_protocol/wire.py``): a
+larger number names no version a server could hold, and could not even be sent."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,12 +93,19 @@ class ReplicaIdentity:
             raise ValueError(
                 f"not an identity token (VERSION-TIMESTAMPNS-SIZE-BLOCKSIZE-DIGEST): {token!r}"
             )
-        version, timestamp_ns, size, block_size = (int(part) for part in parts[:4])
-        try:
-            digest = bytes.fromhex(parts[4])
-        except ValueError:
-            raise ValueError(f"identity token digest is not hexadecimal: {parts[4]!r}") from None
-        return cls(version, timestamp_ns, size, digest, block_size)
+        numbers = []
+        for (name, bits), part in zip(TOKEN_FIELDS, parts[:4], strict=True):
+            # the length first: int() of thousands of digits is slow and says something else
+            if len(part) > 20 or int(part) >> bits:
+                raise ValueError(f"identity token {name} is above {(1 << bits) - 1}")
+            numbers.append(int(part))
+        version, timestamp_ns, size, block_size = numbers
+        digest = parts[4]
+        if len(digest) != 2 * DIGEST_SIZE or not all(c in string.hexdigits for c in digest):
+            raise ValueError(
+                f"identity token digest is not {2 * DIGEST_SIZE} hexadecimal digits: {digest!r}"
+            )
+        return cls(version, timestamp_ns, size, bytes.fromhex(digest), block_size)
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> ReplicaIdentity:

@@ -126,10 +126,10 @@ def attach_command(args: argparse.Namespace) -> int:
     """Everything that can go wrong before the target is attached is checked first, in the
     order that costs the user least (the command line, the paths, then the servers), and told
     as one line with exit code 2."""
+    unprotected: list[str] = []
     if args.root_storage:
         exec_as_root_storage()
-        for problem in protect():
-            log.warning("root_storage_unprotected", problem=problem)
+        unprotected = protect()  # logged once warnings are shown, when attached
     claims: list[SocketClaim] = []
     try:
         _check_options(args)
@@ -137,7 +137,7 @@ def attach_command(args: argparse.Namespace) -> int:
         claims.append(SocketClaim.acquire(args.control, "--control", holder))
         if isinstance(args.nbd, UnixEndpoint):
             claims.append(SocketClaim.acquire(args.nbd.path, "--nbd", holder))
-        return run(_attach(args))
+        return run(_attach(args, unprotected))
     except (AttachFailed, ClaimError) as error:
         return _fail(str(error))
     except LoginError as error:
@@ -204,7 +204,7 @@ def _listen_failure(option: str, where: str, error: OSError) -> str:
     return f"{option} {where}: cannot listen there: {reason}: {advice} {option}"
 
 
-async def _attach(args: argparse.Namespace) -> int:
+async def _attach(args: argparse.Namespace, unprotected: list[str]) -> int:
     settings = FailoverSettings(
         keepalive_interval=args.keepalive, dead_after=args.dead_after,
         request_timeout=args.request_timeout,
@@ -222,12 +222,12 @@ async def _attach(args: argparse.Namespace) -> int:
             f"{args.give_up_after:g} s: {reason}"
         ) from None
     try:
-        return await _serve(args, stream)
+        return await _serve(args, stream, unprotected)
     finally:
         await stream.close()
 
 
-async def _serve(args: argparse.Namespace, stream: VDiskStream) -> int:
+async def _serve(args: argparse.Namespace, stream: VDiskStream, unprotected: list[str]) -> int:
     control = ControlServer(args.control, stream.status)
     try:
         await control.start()
@@ -265,6 +265,8 @@ async def _serve(args: argparse.Namespace, stream: VDiskStream) -> int:
             "nbd_uri": _nbd_endpoint(export.address).nbd_uri(args.vdisk) if export else "",
         }), flush=True)
         configure_logging(args.verbose, quiet=False)  # from now on warnings go to the journal
+        for problem in unprotected:
+            log.warning("root_storage_unprotected", problem=problem)
         await stop.wait()
     finally:
         if reporting is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import json
 import os
 import pkgutil
 import sys
@@ -86,7 +87,28 @@ def _distributions(before: set[str]) -> list[importlib.metadata.Distribution]:
                 "with pip (not an editable install) where pvs-target runs"
             )
         names.update(owners[top])
+    for name in sorted(names):
+        if _editable(name):
+            raise Unlistable(
+                f"distribution {name} is an editable install (pip install -e): its modules "
+                "are read from a source tree its record does not list; install it with pip "
+                "(not editable) where pvs-target runs"
+            )
     return [importlib.metadata.distribution(name) for name in sorted(names)]
+
+
+def _editable(name: str) -> bool:
+    """Whether pip recorded any installation of ``name`` as editable (PEP 610's
+    ``direct_url.json``): its files are then the import hook, not the modules, and a listing
+    would leave out the modules without failing."""
+    for distribution in importlib.metadata.distributions(name=name):
+        try:
+            direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
+            if direct_url.get("dir_info", {}).get("editable") is True:
+                return True
+        except (ValueError, AttributeError):  # a record that is not what PEP 610 says
+            continue
+    return False
 
 
 def _link_chain(path: Path) -> list[Path]:
