@@ -185,11 +185,16 @@ class Site:
         self.processes[name].wait()
 
     def guest_forwards(self) -> list[str]:
-        """qemu ``guestfwd`` rules: each server's stream and boot port at its 10.0.2.x."""
+        """qemu ``guestfwd`` rules: each server's stream and boot port at its 10.0.2.x.
+
+        socat's messages go to a file: qemu hands the command's stderr to the machine's
+        connection too, where "2026/12/01 ... Connection refused" would be read as a frame."""
+        log = self.workdir / "socat.log"
         rules = []
         for _, host, guest in SERVERS:
             for port in (self.port, self.port + 2):
-                rules.append(f"guestfwd=tcp:{guest}:{port}-cmd:socat STDIO TCP:{host}:{port}")
+                rules.append(f"guestfwd=tcp:{guest}:{port}-cmd:socat -lf {log} STDIO "
+                             f"TCP:{host}:{port}")
         return rules
 
     @property

@@ -41,20 +41,24 @@ def test_diskless_machine_boots_from_the_site_and_survives_failovers(
         version = status["identity"]["version"]
         machine.passes(2, STEP)
 
+        # A failover may also happen on its own when software emulation starves the machine
+        # for longer than --dead-after: the checks count the records, not their positions.
+        before = len(status["failovers"])
         site.pvsctl("stop-stream", first)
         machine.passes(3, STEP)
         status = machine.status(STEP)
         second = status["server"]["name"]
-        assert second != first
-        assert status["failovers"][-1]["from"]["name"] == first
+        assert second != first  # first no longer streams: nothing can go back to it
+        assert first in [f["from"]["name"] for f in status["failovers"][before:]]
         assert status["identity"]["version"] == version
 
+        before = len(status["failovers"])
         site.kill(second)
         machine.passes(3, STEP)
         status = machine.status(STEP)
         third = status["server"]["name"]
         assert third not in (first, second)
-        assert [f["to"]["name"] for f in status["failovers"][-2:]] == [second, third]
+        assert second in [f["from"]["name"] for f in status["failovers"][before:]]
         assert status["verification"]["mismatches"] == []
         assert status["verification"]["blocks_checked"] > 0
 
