@@ -31,6 +31,7 @@ from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity, VersionState
 from pvsd.balance import Network, Replica, ServerView
 from pvsd.config import Config, ConfigError, format_address, parse_address
+from pvsd.placements import Placements
 
 log = structlog.get_logger("pvsd.site")
 
@@ -325,7 +326,7 @@ class Site(asyncio.DatagramProtocol):
         self._inventory_sent: dict[tuple[str, int], co.ReplicaEntry] | None = None
         self._inventory_due = 0.0
         self._last_chunks: list[co.InventoryChunk] = []
-        self._placed: dict[str, list[float]] = collections.defaultdict(list)
+        self._placed = Placements(ttl=2 * config.heartbeat_interval + 1.0)
         self._transport: asyncio.DatagramTransport | None = None
         self._soon: asyncio.TimerHandle | None = None
         self._targets = [parse_address(p) for p in config.peers]
@@ -475,7 +476,7 @@ class Site(asyncio.DatagramProtocol):
             if not peer.up:
                 peer.up = True
                 log.info("peer_up", peer=sender, address=message.stream_address)
-            self._placed.pop(sender, None)
+            self._placed.heard(sender, message.targets)
             if back and message.state is co.ServerState.SERVING:
                 for up_callback in self.on_peer_up:
                     up_callback(sender)
@@ -555,7 +556,7 @@ class Site(asyncio.DatagramProtocol):
         if peer.up:
             raise ValueError(f"{name} is up")
         del self.peers[name]
-        self._placed.pop(name, None)
+        self._placed.forget(name)
         log.info("peer_forgotten", peer=name, address=peer.heartbeat.stream_address)
         return True
 
@@ -589,6 +590,7 @@ class Site(asyncio.DatagramProtocol):
         for peer in self.peers.values():
             if peer.up and now - peer.last_heard > self.config.peer_timeout:
                 peer.up = False
+                self._placed.forget(peer.name)
                 log.warning(
                     "peer_down", peer=peer.name, silent_for=round(now - peer.last_heard, 1),
                     hint="no logins go to it until it speaks again",
@@ -599,9 +601,9 @@ class Site(asyncio.DatagramProtocol):
     # -- the view ---------------------------------------------------------------------------
 
     def note_placement(self, server: str) -> None:
-        """Count a redirect we just made until that server's next heartbeat includes it,
-        so that a burst of logins is spread rather than sent to one stale 'least busy'."""
-        self._placed[server].append(time.monotonic())
+        """Count a redirect we just made until that server's heartbeats include it, so that
+        a burst of logins is spread rather than sent to one stale 'least busy' (placements)."""
+        self._placed.placed(server, time.monotonic())
 
     def view(self) -> list[ServerView]:
         state = self.local()
@@ -613,13 +615,14 @@ class Site(asyncio.DatagramProtocol):
                 replicas=replicas_of(state.replicas.values()),
             )
         ]
+        now = time.monotonic()
         for peer in self.peers.values():
             beat = peer.heartbeat
             servers.append(
                 ServerView(
                     name=peer.name, address=beat.stream_address,
                     serving=peer.up and beat.state is co.ServerState.SERVING, power=beat.power,
-                    targets=beat.targets + len(self._placed.get(peer.name, ())),
+                    targets=beat.targets + self._placed.pending(peer.name, now),
                     subnets=tuple(n for n in map(_network, beat.subnets) if n is not None),
                     replicas=replicas_of(peer.inventory.values()),
                 )
