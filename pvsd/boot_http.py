@@ -16,23 +16,30 @@ the root the initramfs streams is the version whose kernel booted. Files are sen
 aiohttp's FileResponse (sendfile, Range, If-Modified-Since). A refusal is one line of text
 with a 4xx or 5xx status; every request is logged once, when answered (`_AccessLog`), and
 counted for ``pvsd_boot_requests`` (`pvsd.metrics`).
+
+The listener is bounded (`pvsd.boot_guard`, `pvsd.boot_limits`): connections in all and per
+address, and a deadline for each request to arrive whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from pathlib import Path
+from typing import cast
 
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_request import BaseRequest
 
 from pvs_protocol.errors import ErrorCode
 from pvsd import balance
 from pvsd import boot as bt
+from pvsd.boot_guard import REQUEST_LIMITS, ConnectionGuard, GuardedSite, keepalive_timeout
 from pvsd.config import Config, format_address
 from pvsd.metrics import BootStats, boot_requests_of
 from pvsd.names import InvalidName, validate_device_id, validate_name
@@ -58,7 +65,8 @@ class Note:
 
 
 _NOTE = web.RequestKey("pvs_boot_note", Note)
-_STATS = web.AppKey("pvs_boot_stats", BootStats)
+_AIOHTTP_LOG = logging.getLogger("pvsd.boot.aiohttp")
+"""aiohttp's own log lines for this listener (`_AiohttpLines`)."""
 
 
 class Refused(Exception):
@@ -82,22 +90,27 @@ class BootServer:
 
     async def start(self) -> None:
         """Listen; only once this returns is network boot served."""
-        app = web.Application(middlewares=[_refusals()], client_max_size=1024)
-        app[_STATS] = boot_requests_of(self.server)
+        config = self.config
+        guard = ConnectionGuard(
+            config.boot_max_connections, config.max_connections_per_source,
+            config.boot_request_timeout,
+        )
+        app = web.Application(middlewares=[_refusals(guard)], client_max_size=1024)
         app.add_routes([
             web.get("/boot/{vdisk}.ipxe", self._script),
             web.get("/boot/{vdisk}/{version}/{file}", self._file),
         ])
+        if not _AIOHTTP_LOG.handlers:
+            _AIOHTTP_LOG.addHandler(_AiohttpLines())
+            _AIOHTTP_LOG.propagate = False
         runner = web.AppRunner(
-            app, access_log_class=_AccessLog, handle_signals=False,
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            app, access_log_class=_AccessLog.of(boot_requests_of(self.server), guard),
+            handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, logger=_AIOHTTP_LOG,
+            keepalive_timeout=keepalive_timeout(config.boot_request_timeout), **REQUEST_LIMITS,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(
-                runner, self.config.boot_host, self.config.boot_port, reuse_address=True
-            )
-            await site.start()
+            await GuardedSite(runner, guard, config.boot_host, config.boot_port).start()
         except OSError as error:
             await runner.cleanup()
             raise OSError(
@@ -112,7 +125,10 @@ class BootServer:
         self.address = format_address(str(host), int(port))
         self._runner = runner
         log.info("boot_listening", address=self.address,
-                 script=f"http://{self.address}/boot/NAME.ipxe")
+                 script=f"http://{self.address}/boot/NAME.ipxe",
+                 max_connections=config.boot_max_connections,
+                 per_source=config.max_connections_per_source,
+                 request_timeout=config.boot_request_timeout)
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
@@ -242,11 +258,13 @@ def _text(body: str) -> web.Response:
     )
 
 
-def _refusals() -> Middleware:
-    """Every request gets its `Note`; every refusal becomes one line of text."""
+def _refusals(guard: ConnectionGuard) -> Middleware:
+    """Every request gets its `Note`; every refusal becomes one line of text. The guard hears
+    that the request is whole: no deadline while it is answered."""
 
     @web.middleware
     async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+        guard.request(request.transport)
         note = request[_NOTE] = Note()
         headers: dict[str, str] = {}
         try:
@@ -277,12 +295,27 @@ def _refusals() -> Middleware:
 
 class _AccessLog(AbstractAccessLogger):
     """One line per request once it is answered (the bytes of a file sent by sendfile are
-    known only then): info for what was served, warning for a refusal."""
+    known only then): info for what was served, warning for a refusal. The guard hears that
+    the answer is sent: the connection's next request has a deadline.
+
+    aiohttp makes it (from the class), so each listener has a subclass holding its own."""
+
+    stats: BootStats
+    guard: ConnectionGuard
+
+    @classmethod
+    def of(cls, stats: BootStats, guard: ConnectionGuard) -> type[_AccessLog]:
+        return cast(type[_AccessLog], type("_BootAccessLog", (cls,), {"stats": stats,
+                                                                     "guard": guard}))
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        note = request.get(_NOTE) or Note()
-        if isinstance(request, web.Request):
-            request.app[_STATS].answered(note.file, response.status)
+        self.guard.answered(request.transport)
+        note = request.get(_NOTE)
+        if note is None:  # aiohttp refused it before the application saw it (unparsable)
+            text = response.text if isinstance(response, web.Response) else None
+            note = Note(error=(text or "").strip().split("\n")[0][:200] or "not a request "
+                        "pvsd can read")
+        self.stats.answered(note.file, response.status)
         sent = 0 if request.method == "HEAD" or response.status == 304 else (
             response.content_length or 0
         )
@@ -295,6 +328,28 @@ class _AccessLog(AbstractAccessLogger):
             log.warning("boot_request_refused", error=note.error, **fields)
         else:
             log.info("boot_request", **fields)
+
+
+class _AiohttpLines(logging.Handler):
+    """aiohttp's own log lines for the listener, as ours: a request it could not parse (at
+    ERROR, with a traceback) is refused and logged by `_AccessLog` already, so it is a debug
+    line; anything else is one line at its level, the error's first line without the
+    traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        fields = {"message": record.getMessage()[:200]}
+        if error is not None:
+            first = (str(error).strip().splitlines() or [""])[0]
+            fields["error"] = f"{type(error).__name__}: {first[:200]}"
+        if isinstance(error, HttpProcessingError):
+            log.debug("boot_request_unparsed", **fields)
+        elif record.levelno >= logging.ERROR:
+            log.error("boot_http_error", **fields)
+        elif record.levelno >= logging.WARNING:
+            log.warning("boot_http_warning", **fields)
+        else:
+            log.debug("boot_http_debug", **fields)
 
 
 # -- the store (worker threads) ---------------------------------------------------------------

@@ -120,8 +120,8 @@ class Config:
     admin_tls_ca: Path | None = None
     """The site's CA: clients and peers must present a certificate it signed."""
     max_connections_per_source: int = 64
-    """Stream connections one source IP address may hold at once: one host cannot take
-    every descriptor of the server."""
+    """Connections one source IP address may hold at once, on the stream port and on the boot
+    listener each: one host cannot take every descriptor of the server."""
     reply_budget: int = 256 * MIB
     """Bytes of replies queued but not yet sent, over all sessions of the server: clients
     that do not read their replies cannot make it hold more."""
@@ -131,6 +131,12 @@ class Config:
     boot_port: int = 0
     """Kernels, initramfs and iPXE scripts for network boot (plain HTTP, `pvsd.boot_http`);
     empty host: none."""
+    boot_max_connections: int = 256
+    """Connections the boot listener keeps at once (`pvsd.boot_limits`): a boot storm of more
+    machines than this, each fetching its kernel and initramfs at the same moment, needs more."""
+    boot_request_timeout: float = 10.0
+    """A boot connection must send a whole request within this many seconds of opening, or of
+    its previous answer (an idle keep-alive connection is closed then too)."""
 
     @property
     def listen(self) -> str:
@@ -257,6 +263,12 @@ class Settings(BaseModel):
     metrics: bool = _setting("metrics", "true or false (serve /metrics on the admin port)")
     boot_listen: str = Field(
         default="", description=f'{_ADDRESS} for network boot (plain HTTP), or "off"'
+    )
+    boot_max_connections: int = _setting(
+        "boot_max_connections", "a whole number from 1 to 10000", ge=1, le=10_000
+    )
+    boot_request_timeout: float = _setting(
+        "boot_request_timeout", "a number of seconds from 0.1 to 3600", ge=0.1, le=3600
     )
 
     @field_validator("name")
@@ -417,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEM CA of the site: peers are checked against it; a client certificate is "
         "optional but must be signed by it")
     add("--max-connections-per-source", type=int, metavar="COUNT",
-        help="stream connections one source address may hold (default 64)")
+        help="connections one source address may hold, on the stream port and on the boot "
+        "listener each (default 64)")
     add("--reply-budget", metavar="SIZE",
         help="bytes of unsent replies over all targets, e.g. 512M (default 256M)")
     add("--metrics", choices=("on", "off"),
@@ -425,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--boot-listen", metavar="HOST:PORT",
         help="serve kernels, initramfs and iPXE scripts for network boot there (plain HTTP, "
         f"unauthenticated; port {DEFAULT_BOOT_PORT} if only a host; default off)")
+    add("--boot-max-connections", type=int, metavar="COUNT",
+        help="connections the boot listener keeps at once (default 256)")
+    add("--boot-request-timeout", type=float, metavar="SECONDS",
+        help="a boot connection must send a whole request within this (default 10)")
     return parser
 
 
@@ -446,7 +463,7 @@ def load(argv: list[str] | None = None) -> Config:
         "io_threads", "background_threads", "stall_timeout", "replication_rate", "listen",
         "rebalance_trigger", "rebalance_interval", "boot_window", "admin_tls_cert",
         "admin_tls_key", "admin_tls_ca", "max_connections_per_source", "reply_budget",
-        "boot_listen",
+        "boot_listen", "boot_max_connections", "boot_request_timeout",
     ):
         value = getattr(args, key)
         if value is not None:
