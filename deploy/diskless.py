@@ -48,6 +48,11 @@ class BuildError(Exception):
     """A step failed; the message names it and what to do."""
 
 
+class Unreachable(BuildError):
+    """The Debian mirror or the Python package index could not be used: this machine cannot
+    build the image now (a test skips rather than fails)."""
+
+
 def step(message: str) -> None:
     print(f"diskless: {message}", file=sys.stderr, flush=True)
 
@@ -84,8 +89,11 @@ def debootstrap(tree: Path, suite: str, mirror: str) -> None:
         raise BuildError("debootstrap not found: apt-get install debootstrap")
     step(f"debootstrap {suite} into {tree} (a few minutes: about 300 MB from {mirror})")
     started = time.monotonic()
-    run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", suite, tree,
-        mirror)
+    try:
+        run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", suite, tree,
+            mirror)
+    except BuildError as error:
+        raise Unreachable(f"debootstrap from {mirror}: {error}") from None
     marker.write_text(key)
     step(f"Debian tree ready in {time.monotonic() - started:.0f} s")
 
@@ -96,7 +104,10 @@ def install_pvs(tree: Path, workdir: Path) -> None:
     if wheels.exists():
         shutil.rmtree(wheels)
     step("building pvs's wheels (pip wheel)")
-    run(sys.executable, "-m", "pip", "wheel", "-q", "-w", wheels, ROOT)
+    try:
+        run(sys.executable, "-m", "pip", "wheel", "-q", "-w", wheels, ROOT)
+    except BuildError as error:  # the checkout itself installs: the package index failed
+        raise Unreachable(f"pip wheel (pvs and its dependencies): {error}") from None
     inside = tree / "tmp" / "pvs-wheels"
     if inside.exists():
         shutil.rmtree(inside)

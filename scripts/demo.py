@@ -243,8 +243,14 @@ def vm_main() -> int:
               "debootstrap e2fsprogs")
         return 2
     say("A Debian image with pvs-target in its initramfs (kept in /var/tmp/pvs-diskless)")
-    image = diskless.build(Path(os.environ.get("PVS_DISKLESS_WORKDIR", "/var/tmp/pvs-diskless")),
-                           check=True, size="2G", suite=diskless.SUITE, mirror=diskless.MIRROR)
+    try:
+        image = diskless.build(
+            Path(os.environ.get("PVS_DISKLESS_WORKDIR", "/var/tmp/pvs-diskless")),
+            check=True, size="2G", suite=diskless.SUITE, mirror=diskless.MIRROR,
+        )
+    except diskless.BuildError as error:
+        print(f"demo vm: building the image: {error}")
+        return 2
     with vm.running(WORK / "vm", image, cmdline="console=ttyS0 panic=-1") as (site, machine):
         print(site.pvsctl("servers").rstrip())
         say(f"A VM with no disk boots over the network ({machine.accel}); its only network "
