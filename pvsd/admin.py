@@ -33,7 +33,7 @@ from pvs_protocol import coordination as co
 from pvs_protocol import manifest as mf
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode, SubnetAffinity
-from pvsd import admin_auth, audit
+from pvsd import admin_auth, audit, listening
 from pvsd.admin_common import ApiError, HostNames, parse_json, vdisk_name
 from pvsd.admin_rebalance import RebalanceApi
 from pvsd.admin_replication import ReplicationApi
@@ -151,24 +151,14 @@ class AdminServer:
             *self.metrics.routes(),
         ])
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(
-                runner, self.config.admin_host, self.config.admin_port, reuse_address=True,
+        self.address = await listening.start(
+            runner,
+            lambda ready: web.TCPSite(
+                ready, self.config.admin_host, self.config.admin_port, reuse_address=True,
                 ssl_context=server_tls,
-            )
-            await site.start()
-        except OSError as error:
-            await runner.cleanup()
-            raise OSError(
-                error.errno, f"cannot listen for the admin API on {self.config.admin}: "
-                f"{error.strerror}; free the port or choose another with --admin HOST:PORT",
-            ) from None
-        except BaseException:
-            await runner.cleanup()
-            raise
-        host, port = runner.addresses[0][:2]
-        self.address = format_address(str(host), int(port))
+            ),
+            f"the admin API on {self.config.admin}", "--admin HOST:PORT",
+        )
         self._runner = runner
         self._peers = peers
         self._client = aiohttp.ClientSession()

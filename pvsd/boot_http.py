@@ -37,7 +37,7 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_request import BaseRequest
 
 from pvs_protocol.errors import ErrorCode
-from pvsd import balance
+from pvsd import balance, listening
 from pvsd import boot as bt
 from pvsd.boot_guard import REQUEST_LIMITS, ConnectionGuard, GuardedSite, keepalive_timeout
 from pvsd.config import Config, format_address
@@ -108,21 +108,10 @@ class BootServer:
             handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, logger=_AIOHTTP_LOG,
             keepalive_timeout=keepalive_timeout(config.boot_request_timeout), **REQUEST_LIMITS,
         )
-        await runner.setup()
-        try:
-            await GuardedSite(runner, guard, config.boot_host, config.boot_port).start()
-        except OSError as error:
-            await runner.cleanup()
-            raise OSError(
-                error.errno, f"cannot listen for network boot on {self.config.boot_listen}: "
-                f"{error.strerror}; free the port or choose another with --boot-listen "
-                "HOST:PORT",
-            ) from None
-        except BaseException:
-            await runner.cleanup()
-            raise
-        host, port = runner.addresses[0][:2]
-        self.address = format_address(str(host), int(port))
+        self.address = await listening.start(
+            runner, lambda ready: GuardedSite(ready, guard, config.boot_host, config.boot_port),
+            f"network boot on {config.boot_listen}", "--boot-listen HOST:PORT",
+        )
         self._runner = runner
         log.info("boot_listening", address=self.address,
                  script=f"http://{self.address}/boot/NAME.ipxe",
