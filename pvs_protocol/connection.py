@@ -143,6 +143,30 @@ class Connection:
     def outstanding(self) -> int:
         return len(self._outstanding)
 
+    @classmethod
+    def handed_over(
+        cls, role: Role, *, max_request: int, max_in_flight: int, checksum: ev.Checksum,
+        allocate: Callable[[int], bytearray] = bytearray, screen: Screen | None = None,
+    ) -> Connection:
+        """A connection taken over in the streaming phase, with what its handshake and login
+        settled: pvsd hands a logged-in session to a stream worker process (`pvsd.workers`),
+        which goes on where the login left off, under the same rules."""
+        connection = cls(role, allocate=allocate, screen=screen)
+        connection.phase = Phase.STREAMING
+        connection.max_request, connection.max_in_flight = max_request, max_in_flight
+        connection.checksum = checksum
+        return connection
+
+    @property
+    def idle(self) -> bool:
+        """Nothing received and not yet decoded, no request open: the connection can change
+        hands between two frames without anything of it left behind."""
+        return (
+            not self._buffer and self._block is None and not self._discard
+            and not self._outstanding and not self._login_pending
+        )
+
+
     # -- receiving --------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:

@@ -318,7 +318,7 @@ class AdminServer:
 
     async def site_targets(self) -> tuple[list[JSON], list[JSON]]:
         """Every streaming target of the site, and one error per server that did not say."""
-        targets = self.local_targets()
+        targets = await self.fresh_local_targets()
         errors: list[JSON] = []
         answers = await self._fan_out("GET", "/v1/local/targets", None, PEER_TIMEOUT)
         for name, address, answer in answers:
@@ -440,7 +440,13 @@ class AdminServer:
     # -- this server's own part -------------------------------------------------------------
 
     async def _local_targets(self, request: web.Request) -> web.Response:
-        return web.json_response({"targets": self.local_targets()})
+        return web.json_response({"targets": await self.fresh_local_targets()})
+
+    async def fresh_local_targets(self) -> list[JSON]:
+        """``local_targets`` with the stream workers' latest byte counts."""
+        if self.server.workers is not None:
+            await self.server.workers.refresh()
+        return self.local_targets()
 
     async def _local_vdisks(self, request: web.Request) -> web.Response:
         return web.json_response({"server": self.config.name, "vdisks": self.local_vdisks()})

@@ -94,6 +94,9 @@ class Config:
     io_threads: int = 16
     """Worker threads for serving I/O (reads that miss the page cache, writes, fdatasync):
     a pool of their own, so that hashing and scrubbing never make a target's read wait."""
+    stream_workers: int = 0
+    """Processes that serve logged-in read-only sessions (`pvsd.workers`), so that streaming
+    uses more than one core; 0: every session is served by this process."""
     background_threads: int = DEFAULT_BACKGROUND_THREADS
     """Worker threads for manifests, verification, re-checks and the scrub: few, since they
     compete with serving for the disk and the CPU and nobody waits on them."""
@@ -233,6 +236,9 @@ class Settings(BaseModel):
     )
     scrub_interval: float = _setting("scrub_interval", _SECONDS, gt=0)
     io_threads: int = _setting("io_threads", "a whole number from 1 to 1024", ge=1, le=1024)
+    stream_workers: int = _setting(
+        "stream_workers", "a whole number from 0 (none) to 64", ge=0, le=64
+    )
     background_threads: int = _setting(
         "background_threads", "a whole number from 1 to 64", ge=1, le=64
     )
@@ -409,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between scrub passes (default 86400)")
     add("--io-threads", type=int, metavar="COUNT",
         help="worker threads for serving I/O (default 16)")
+    add("--stream-workers", type=int, metavar="COUNT",
+        help="processes serving logged-in read-only sessions (default 0: none)")
     add("--background-threads", type=int, metavar="COUNT",
         help=f"worker threads for hashing and scrub (default {DEFAULT_BACKGROUND_THREADS})")
     add("--stall-timeout", type=float, metavar="SECONDS",
@@ -461,6 +469,7 @@ def load(argv: list[str] | None = None) -> Config:
         "handshake_timeout", "watch_interval", "power", "admin", "advertise", "key_file",
         "peer_timeout", "heartbeat_interval", "drain_timeout", "scrub_rate", "scrub_interval",
         "io_threads", "background_threads", "stall_timeout", "replication_rate", "listen",
+        "stream_workers",
         "rebalance_trigger", "rebalance_interval", "boot_window", "admin_tls_cert",
         "admin_tls_key", "admin_tls_ca", "max_connections_per_source", "reply_budget",
         "boot_listen", "boot_max_connections", "boot_request_timeout",

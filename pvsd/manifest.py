@@ -312,6 +312,19 @@ def load_manifest(
         raise
 
 
+def manifest_of(fd: int, path: Path) -> ManifestFile:
+    """The read-only manifest open as ``fd`` (handed over to a stream worker with its session,
+    so that the worker serves the very file the login pinned, whatever replaced it since);
+    checked again like any loaded manifest. The descriptor is the ManifestFile's from now on."""
+    try:
+        result = os.fstat(fd)
+        manifest = mf.Manifest.decode(_read_all(fd, result.st_size))
+        return ManifestFile(path, fd, manifest, StatKey.of(result), writable=False)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_all(fd: int, size: int) -> bytes:
     parts, done = [], 0
     while done < size:

@@ -94,6 +94,26 @@ class RequestStats:
             self.buckets[op][bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
             self.sums[op] += seconds
 
+    def take(self) -> tuple[list[list[int]], list[float]]:
+        """The counts and sums since the last take, and start again from zero (a stream
+        worker's, sent to pvsd: `pvsd.workers`)."""
+        taken = self.buckets, self.sums
+        self.buckets = [[0] * (len(LATENCY_BOUNDS) + 1) for _ in OPS]
+        self.sums = [0.0] * len(OPS)
+        return taken
+
+    def add(self, buckets: object, sums: object) -> None:
+        """Counts and sums a stream worker took; anything not shaped like them is ignored."""
+        if not (isinstance(buckets, list) and isinstance(sums, list)
+                and len(buckets) == len(OPS) == len(sums)):
+            return
+        for op, counts in enumerate(buckets):
+            if isinstance(counts, list) and len(counts) == len(self.buckets[op]) \
+                    and all(isinstance(c, int) and c >= 0 for c in counts) \
+                    and isinstance(sums[op], int | float) and sums[op] >= 0:
+                self.buckets[op] = [a + b for a, b in zip(self.buckets[op], counts, strict=True)]
+                self.sums[op] += sums[op]
+
     def session_ended(self, session: Session) -> None:
         """Keep what an ending session moved: the bytes counters must never go down."""
         vdisk = session.vdisk
@@ -182,7 +202,15 @@ class MetricsApi:
     def routes(self) -> list[web.RouteDef]:
         if not self.enabled:
             return []
-        return [web.get(PATH, make_aiohttp_handler(self.registry))]
+        scrape = make_aiohttp_handler(self.registry)
+        server = self.admin.server
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if server.workers is not None:  # their sessions' latest figures first
+                await server.workers.refresh()
+            return await scrape(request)
+
+        return [web.get(PATH, handler)]
 
     def is_open(self, request: web.Request) -> bool:
         """Whether the request may skip the admin signature: a read of /metrics, with

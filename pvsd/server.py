@@ -28,11 +28,13 @@ from pvs_protocol.modes import Mode
 from pvsd import balance, locks
 from pvsd.config import Config, format_address, parse_address
 from pvsd.limits import BudgetChange, ReplyBudget, SourceLimit
+from pvsd.metrics import requests_of
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry, replicas_of
 from pvsd.stalls import StallTracker, Transition
 from pvsd.store import Catalog, VDisk
 from pvsd.versions import DeviceClass, device_class
+from pvsd.workers import Workers
 
 log = structlog.get_logger("pvsd.server")
 
@@ -92,10 +94,16 @@ class StreamServer:
         self._budget_since = 0.0
         self.sources: SourceLimit[Session] = SourceLimit(config.max_connections_per_source)
         """Stream connections per source address."""
+        self.workers: Workers | None = None
+        """The stream workers (``stream_workers``) once started."""
+        catalog.on_change(self._replica_changed)
 
     async def start(self) -> None:
         """Listen; only once this returns is the service started."""
         loop = asyncio.get_running_loop()
+        if self.config.stream_workers and self.workers is None:
+            self.workers = Workers(self.config, requests_of(self).add)
+            await self.workers.start()
         host, port = self.config.listen_host, self.config.listen_port
         if self._bound_port:  # a restart keeps the port it had (listen port 0 in tests)
             port = self._bound_port
@@ -158,8 +166,7 @@ class StreamServer:
                     session.close(ErrorCode.STOPPING, "drain deadline passed")
                 await asyncio.sleep(0.2)
                 for session in list(self.sessions):
-                    if session.transport is not None:
-                        session.transport.abort()
+                    session.abort()
         await self._server.wait_closed()
         self._server = None
         self.state = StreamState.STOPPED
@@ -171,8 +178,15 @@ class StreamServer:
         self.io_pool.shutdown(wait=False, cancel_futures=True)
 
     async def stop(self) -> None:
-        """SIGTERM: the same orderly move of targets as stop-stream."""
+        """SIGTERM: the same orderly move of targets as stop-stream, then the workers end."""
         await self.stop_stream()
+        if self.workers is not None:
+            await self.workers.close()
+
+    def _replica_changed(self, _name: str, vdisk: VDisk | None) -> None:
+        for session in list(self.sessions):
+            if session.remote is not None and (vdisk is None or session.vdisk is vdisk):
+                session.check_replica()
 
     def _announce(self) -> None:
         if self.site is not None:

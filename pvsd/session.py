@@ -50,6 +50,7 @@ from pvsd.names import InvalidName, validate_name
 if TYPE_CHECKING:
     from pvsd.server import StreamServer
     from pvsd.store import ImageFile, VDisk
+    from pvsd.workers import Worker
 
 log = structlog.get_logger("pvsd.session")
 
@@ -58,6 +59,9 @@ _BATCH_BYTES = 1024 * 1024
 """Replies of one burst gathered before a write: four 256 KiB replies (nbdcopy's size) in
 one writev cost less CPU than four writes (nbdcopy's CPU per GiB went from 1.18x to 1.0x the
 two nbdkits' in bench/run.py)."""
+HAND_OVER_TRIES = 20
+"""Loop turns to wait for a LOGIN_OK still in the transport's buffer before a session goes to
+a stream worker; past them it is served here (its socket is full: a slow reader anyway)."""
 DAMAGE_REPORTS = 4
 DAMAGE_WINDOW = 10.0
 """At most this many DAMAGED reports per session in this many seconds are acted upon: each
@@ -127,6 +131,10 @@ class Session(asyncio.Protocol):
         self._requests = requests_of(server)
         self._reads = 0
         """Reads answered from the page cache in this burst (their latency: pvsd.metrics)."""
+        self.remote: Worker | None = None
+        """The stream worker serving this session (`pvsd.workers`); this object stands in
+        for it here: counted, listed, told to move or close."""
+        self._hand_over_tries = 0
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -186,9 +194,14 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
         if self._login_task is not None:
             self._login_task.cancel()
-        self.server.unregister(self)
         if self._lent is not None:
             self._lent.close()
+        self.transport = None
+        if self.remote is None:
+            self._ended(str(exc) if exc else "closed by target")
+
+    def _ended(self, reason: str) -> None:
+        self.server.unregister(self)
         self._requests.session_ended(self)
         if self.write_fd is not None and self.vdisk is not None:
             if self._pending:
@@ -201,11 +214,7 @@ class Session(asyncio.Protocol):
             else:
                 self._release_writer()
         if self.conn.phase is not Phase.CLOSED:
-            self._log.info(
-                "target_disconnected", reason=str(exc) if exc else "closed by target",
-                in_flight=self.conn.outstanding,
-            )
-        self.transport = None
+            self._log.info("target_disconnected", reason=reason, in_flight=self.conn.outstanding)
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -261,6 +270,9 @@ class Session(asyncio.Protocol):
         return self.conn.phase is Phase.STREAMING
 
     def send(self, event: ev.Event) -> None:
+        if self.remote is not None:
+            self._send_remote(event)
+            return
         if self.transport is None or self.transport.is_closing():
             return
         try:
@@ -294,6 +306,10 @@ class Session(asyncio.Protocol):
 
     def close(self, code: int = 0, message: str = "") -> None:
         """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
+        if self.remote is not None:
+            self.remote.send({"op": "close", "session": self.session_id, "code": int(code),
+                              "message": message})
+            return
         if self.transport is None:
             return
         if self.conn.phase is not Phase.CLOSED:
@@ -301,8 +317,88 @@ class Session(asyncio.Protocol):
         self._write_batch()
         self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection without a word (a target that did not leave in time)."""
+        if self.remote is not None:
+            self.remote.send({"op": "abort", "session": self.session_id})
+        elif self.transport is not None:
+            self.transport.abort()
+
     async def wait_closed(self) -> None:
         await self._closed
+
+    # -- served by a stream worker (pvsd.workers) -------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Give this logged-in read-only session to a stream worker, once the LOGIN_OK has
+        left and nothing of the connection is in flight here (reading is paused from the
+        login on, so no request can arrive here meanwhile)."""
+        transport, image, manifest = self.transport, self.image, self.manifest
+        if transport is None or transport.is_closing() or image is None or manifest is None:
+            return
+        worker = self.server.workers.choose() if self.server.workers is not None else None
+        if worker is None or not self.conn.idle or self._hand_over_tries >= HAND_OVER_TRIES:
+            transport.resume_reading()  # served here
+            return
+        if transport.get_write_buffer_size():
+            self._hand_over_tries += 1
+            asyncio.get_running_loop().call_later(0.005, self._hand_over)
+            return
+        sock = transport.get_extra_info("socket")
+        vdisk = self.vdisk
+        assert vdisk is not None
+        worker.adopt(self, [sock.fileno(), image.fd, manifest.fd], {
+            "vdisk": vdisk.name, "size": vdisk.size, "stat": list(self._stat_at_login),
+            "manifest": str(manifest.path), "max_request": self.conn.max_request,
+            "max_in_flight": self.conn.max_in_flight, "checksum": int(self.conn.checksum),
+            "peer": self.peer, "device": self.device_id,
+        })
+        self.remote = worker
+        if self._timer is not None:  # the worker watches for an idle target now
+            self._timer.cancel()
+            self._timer = None
+        self._log.info("session_handed_over", worker=worker.number)
+        transport.abort()  # our descriptor only: the worker holds the connection now
+
+    def _send_remote(self, event: ev.Event) -> None:
+        assert self.remote is not None
+        match event:
+            case ev.Relogin(deadline_ms, message, servers):
+                self.remote.send({"op": "relogin", "session": self.session_id,
+                                  "deadline_ms": deadline_ms, "message": message,
+                                  "servers": list(servers)})
+            case ev.SiteUpdate(servers):
+                self.remote.send({"op": "site", "session": self.session_id,
+                                  "servers": list(servers)})
+            case ev.Goodbye(code, message):
+                self.close(code, message)
+            case _:
+                self._log.error("internal_error", error=f"{type(event).__name__} for a session "
+                                "a stream worker serves")
+
+    def check_replica(self) -> None:
+        """The catalog changed this session's replica: a worker serving it stops serving it
+        as a session here would (see ``_check_range``)."""
+        vdisk = self.vdisk
+        if self.remote is None or vdisk is None:
+            return
+        if vdisk.damage is not None or vdisk.identity != self.identity \
+                or vdisk.manifest is not self.manifest:
+            self.remote.send({
+                "op": "invalid", "session": self.session_id,
+                "message": f"replica of {vdisk.name} here is damaged or changed since login: "
+                "log in again",
+            })
+
+    def remote_ended(self, reason: str) -> None:
+        """The worker's connection to the target ended."""
+        self.remote = None
+        self._ended(reason)
+
+    def damaged(self, block: int, message: str) -> None:
+        """A DAMAGED report the worker relayed."""
+        if self.vdisk is not None:
+            self._damaged(block, message)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -417,6 +513,10 @@ class Session(asyncio.Protocol):
         self.send(reply)
         self.server.targets_changed()
         self._arm_timer(self.server.config.idle_timeout)
+        if self.write_fd is None and self.server.workers is not None \
+                and self.transport is not None:
+            self.transport.pause_reading()  # what the target sends next is the worker's
+            asyncio.get_running_loop().call_soon(self._hand_over)
         self._log.info(
             "target_logged_in", session=f"{reply.session_id:016x}",
             identity=reply.identity.short, redirected=login.redirected,

@@ -125,6 +125,9 @@ class Pvsd:
         command = [PYTHON, "-m", "pvsd", "--name", self.name, "--listen", self.address]
         for store in self.stores:
             command += ["--store", str(store)]
+        workers = os.environ.get("PVS_TEST_STREAM_WORKERS")  # the suite again, with workers
+        if workers and "--stream-workers" not in self.args:
+            command += ["--stream-workers", workers]
         return [*command, "--log-json", *self.args]
 
     def alive(self) -> bool:
