@@ -166,7 +166,6 @@ class Connection:
             and not self._outstanding and not self._login_pending
         )
 
-
     # -- receiving --------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
