@@ -45,6 +45,11 @@ class Child:
         fields = stat.rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def tree_cpu_seconds(self) -> float:
+        """CPU time of this process and of every live descendant (a server's worker
+        processes), plus the children it has reaped: what the whole server costs."""
+        return tree_cpu_seconds(self.pid)
+
     def memory_kib(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -115,6 +120,30 @@ class Child:
                     pipe.close()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` (all threads, and its reaped children's) and of each live
+    descendant, from /proc; a process that ends between two reads counts as nothing."""
+    parents: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        number = int(entry.name)
+        parents.setdefault(int(fields[1]), []).append(number)
+        times[number] = sum(int(field) for field in fields[11:15]) / tick
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        total += times.get(current, 0.0)
+        pending += parents.get(current, [])
+    return total
+
+
 class Children:
     """Starts processes and ends every one of them, newest first, in ``stop_all``."""
 
@@ -141,6 +170,9 @@ class Children:
                 stderr=log_file,
                 env={**(environment or self.environment), "PYTHONUNBUFFERED": "1"},
                 text=pipes,
+                # `python -m pvsd` imports from its working directory first: started in the
+                # checkout, a child would run the work tree's code whatever --source says
+                cwd=self.logs,
             )
         child = Child(name, process, log_path)
         self.started.append(child)

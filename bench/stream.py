@@ -108,7 +108,7 @@ class Servers:
         with log_path.open("wb") as log_file:
             self.processes["pvsd"] = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                env=self.environment,
+                env=self.environment, cwd=self.work,  # not the checkout: see Children.start
             )
         events: dict[str, dict[str, Any]] = {}
 
@@ -173,7 +173,7 @@ def _run(
     """Run a bounded child; on timeout ``subprocess.run`` kills that child (and only it)."""
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        env=environment,
+        env=environment, cwd="/",  # not the checkout: see Children.start
     )
     if result.returncode != 0:
         raise RuntimeError(
