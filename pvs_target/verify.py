@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -186,10 +186,10 @@ class ReadVerifier:
             self.pages_fetched += 1
             try:
                 self.verifier.add_page(level, page, data)
-            except ManifestError as error:
+            except ManifestError as wrong:  # not `error`: compiled, mypyc confuses the two
                 block = page * FANOUT ** (level + 1)
                 offset = block * self.shape.block_size
-                message = f"digest page {page} of level {level}: {error}"
+                message = f"digest page {page} of level {level}: {wrong}"
                 connection.report_damaged(block, message)
                 raise PageMismatch(
                     server_name(connection), connection.server, block, offset, message
@@ -256,10 +256,13 @@ class ReadVerifier:
         if self.known(start, span):
             data = await self._fetch(connection, start, span)
         else:  # the data and the digests in the same round trip
-            pages, fetched = await asyncio.gather(
+            # gather returns a list where typeshed says tuple, and compiled (setup.py) this
+            # line checks the type it was told
+            results: list[Any] = await cast(Any, asyncio.gather(
                 self.ensure(connection, start, span), self._fetch(connection, start, span),
                 return_exceptions=True,
-            )
+            ))
+            pages, fetched = results
             if isinstance(pages, BaseException):
                 raise pages
             if isinstance(fetched, BaseException):
