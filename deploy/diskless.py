@@ -105,7 +105,9 @@ def install_pvs(tree: Path, workdir: Path) -> None:
         shutil.rmtree(wheels)
     step("building pvs's wheels (pip wheel)")
     try:
-        run(sys.executable, "-m", "pip", "wheel", "-q", "-w", wheels, ROOT)
+        # pure Python (PVS_PURE, setup.py): the image's interpreter is Debian's, not the one
+        # that would compile the hot path here
+        run("env", "PVS_PURE=1", sys.executable, "-m", "pip", "wheel", "-q", "-w", wheels, ROOT)
     except BuildError as error:  # the checkout itself installs: the package index failed
         raise Unreachable(f"pip wheel (pvs and its dependencies): {error}") from None
     inside = tree / "tmp" / "pvs-wheels"
