@@ -39,13 +39,13 @@ from pvs_protocol.buffers import Lent
 from pvs_protocol.connection import Connection, Phase, Role, negotiate
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.identity import ReplicaIdentity
-from pvs_protocol.manifest import ManifestError
 from pvs_protocol.modes import Mode
 from pvsd import locks
 from pvsd.config import format_address
 from pvsd.manifest import ManifestFile, write_and_record
 from pvsd.metrics import requests_of
 from pvsd.names import InvalidName, validate_name
+from pvsd.replies import Replies, digest_page
 
 if TYPE_CHECKING:
     from pvsd.server import StreamServer
@@ -55,10 +55,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pvsd.session")
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_BATCH_BYTES = 1024 * 1024
-"""Replies of one burst gathered before a write: four 256 KiB replies (nbdcopy's size) in
-one writev cost less CPU than four writes (nbdcopy's CPU per GiB went from 1.18x to 1.0x the
-two nbdkits' in bench/run.py)."""
 HAND_OVER_TRIES = 20
 """Loop turns to wait for a LOGIN_OK still in the transport's buffer before a session goes to
 a stream worker; past them it is served here (its socket is full: a slow reader anyway)."""
@@ -119,10 +115,7 @@ class Session(asyncio.Protocol):
         """The manifest pinned at login (a Private Image's writer uses the vDisk's own)."""
         self._damage_reports: list[float] = []
         self._stat_at_login: tuple[int, int, int] = (0, 0, 0)
-        self._lent: Lent | None = None
-        """Pooled read buffers in replies, back to the pool once the transport is done."""
-        self._batch: list[bytes | bytearray | memoryview] | None = None
-        self._batched = 0
+        self.replies = Replies(self.conn)
         self._unchanged = False
         self.write_fd: int | None = None
         """Open only for the one writer of a Private Image vDisk."""
@@ -149,12 +142,13 @@ class Session(asyncio.Protocol):
         self.peer_ip = str(peername[0]) if isinstance(peername, tuple) else ""
         self.local_address = _address(transport.get_extra_info("sockname"))
         self._log = log.bind(peer=self.peer)
+        self.replies.attach(self.transport)
         refusal = self.server.register(self)
         if refusal is not None:  # too many connections from its address
             self.close(ErrorCode.BUSY, refusal)
             return
         self.transport.set_write_buffer_limits(high=4 * self.server.config.max_request)
-        self._lent = Lent(  # the transport may hold up to its high-water mark, and a burst more
+        self.replies.lent = Lent(  # the transport may hold up to its high-water mark, and a burst
             self.server.buffers.give, self.transport, asyncio.get_running_loop(),
             limit=8 * self.server.config.max_request, unsent=self._unsent,
         )
@@ -167,7 +161,7 @@ class Session(asyncio.Protocol):
     def _process(self) -> None:
         """Handle every whole frame received, unless the target is not reading our replies:
         then requests wait in the receive buffer (bounded by TCP) until it catches up."""
-        self._batch = []
+        self.replies.burst()
         self._unchanged = False  # look at the image again for this burst
         started = time.monotonic()
         try:
@@ -184,7 +178,7 @@ class Session(asyncio.Protocol):
             self._log.warning("protocol_error", code=error.code.name, error=error.message)
             self.close(error.code, error.message)
         finally:
-            self._write_batch()
+            self.replies.flush()
             if self._reads:
                 self._requests.reads(time.monotonic() - started, self._reads)
                 self._reads = 0
@@ -194,8 +188,7 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
         if self._login_task is not None:
             self._login_task.cancel()
-        if self._lent is not None:
-            self._lent.close()
+        self.replies.detach()
         self.transport = None
         if self.remote is None:
             self._ended(str(exc) if exc else "closed by target")
@@ -272,37 +265,8 @@ class Session(asyncio.Protocol):
     def send(self, event: ev.Event) -> None:
         if self.remote is not None:
             self._send_remote(event)
-            return
-        if self.transport is None or self.transport.is_closing():
-            return
-        try:
-            buffers = self.conn.send_buffers(event)
-        except ProtocolError as error:  # our own bug: say so loudly, and end this session only
-            self._log.error("internal_protocol_error", error=str(error))
-            self.transport.abort()
-            return
-        if self._batch is None:
-            self.transport.writelines(buffers)
-            if self._lent is not None:
-                self._lent.wrote(buffers)
-            return
-        self._batch += buffers
-        self._batched += sum(len(b) for b in buffers)
-        if self._batched >= _BATCH_BYTES:  # enough for one large writev: write now, so the
-            self._write_batch()  # transport can apply backpressure (pause_writing)
-            self._batch = []
-
-    def _write_batch(self) -> None:
-        """Write the replies gathered while handling one burst of requests: one system call
-        for many small replies instead of one each."""
-        batch, self._batch = self._batch, None
-        self._batched = 0
-        transport = self.transport
-        if not batch or transport is None or transport.is_closing():
-            return
-        transport.writelines(batch)
-        if self._lent is not None:
-            self._lent.wrote(batch)
+        else:
+            self.replies.send(event, self._log)
 
     def close(self, code: int = 0, message: str = "") -> None:
         """Say GOODBYE (where the phase allows) and close once buffered replies are written."""
@@ -314,7 +278,7 @@ class Session(asyncio.Protocol):
             return
         if self.conn.phase is not Phase.CLOSED:
             self.send(ev.Goodbye(code, message))
-        self._write_batch()
+        self.replies.flush()
         self.transport.close()
 
     def abort(self) -> None:
@@ -432,7 +396,7 @@ class Session(asyncio.Protocol):
                 self._request_error(request_id, code, message)
             case ev.Goodbye(code, message):
                 self._log.info("target_said_goodbye", code=code, message=message)
-                self._write_batch()
+                self.replies.flush()
                 if self.transport is not None:
                     self.transport.close()
 
@@ -460,11 +424,11 @@ class Session(asyncio.Protocol):
             self._login_task = None
         if self.transport is None or self.transport.is_closing():
             return
-        self._batch = []
+        self.replies.burst()
         try:
             self._place(login)
         finally:
-            self._write_batch()
+            self.replies.flush()
 
     def _place(self, login: ev.Login) -> None:
         decision = self.server.place(login, self)
@@ -477,7 +441,7 @@ class Session(asyncio.Protocol):
                     to=decision.server_name, address=decision.address, reason=decision.reason,
                 )
                 self.send(decision)
-                self._write_batch()
+                self.replies.flush()
                 assert self.transport is not None
                 self.transport.close()
             return
@@ -717,23 +681,14 @@ class Session(asyncio.Protocol):
                                 f"{vdisk.name} has no manifest loaded yet")
             return
         try:
-            length = manifest.shape.page_length(request.level, request.page)
-        except ManifestError as error:
-            self._request_error(request.request_id, ErrorCode.OUT_OF_RANGE, str(error))
-            return
-        if length != request.length:
-            self._request_error(
-                request.request_id, ErrorCode.OUT_OF_RANGE,
-                f"page {request.page} of level {request.level} is {length} bytes, not "
-                f"{request.length}",
-            )
-            return
-        try:
-            data = manifest.page(request.level, request.page)
+            page = digest_page(manifest, request)
         except OSError as error:
             self._io_failed(request.request_id, "digests", error)
             return
-        self.send(ev.ReadData(request.request_id, data))
+        if isinstance(page, str):
+            self._request_error(request.request_id, ErrorCode.OUT_OF_RANGE, page)
+            return
+        self.send(ev.ReadData(request.request_id, page))
         self._requests.observe("digests", time.monotonic() - self.last_heard)
 
     def _damaged(self, block: int, message: str) -> None:

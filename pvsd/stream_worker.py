@@ -37,12 +37,12 @@ from pvs_protocol.manifest import ManifestError
 from pvsd import logs
 from pvsd.manifest import ManifestFile, manifest_of
 from pvsd.metrics import RequestStats
+from pvsd.replies import Replies, digest_page
 from pvsd.workers import Channel, Message
 
 log = structlog.get_logger("pvsd.stream_worker")
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_BATCH_BYTES = 1024 * 1024
 BYTES_INTERVAL = 1.0
 """How often pvsd hears each session's byte count (its rate, metrics and status)."""
 
@@ -80,11 +80,9 @@ class WorkerSession(asyncio.Protocol):
         self.last_heard = time.monotonic()
         self._log = log.bind(peer=state.get("peer", ""), device=state.get("device", ""),
                              vdisk=self.vdisk, session=f"{session_id:016x}")
-        self._batch: list[bytes | bytearray | memoryview] | None = None
-        self._batched = 0
+        self.replies = Replies(self.conn)
         self._unchanged = False
         self._paused = False
-        self._lent: Lent | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._in_threads = 0
         self._closed_why = ""
@@ -97,8 +95,10 @@ class WorkerSession(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         max_request = self.conn.max_request
         self.transport.set_write_buffer_limits(high=4 * max_request)
-        self._lent = Lent(self.worker.buffers.give, self.transport, asyncio.get_running_loop(),
-                          limit=8 * max_request)
+        self.replies.attach(self.transport, Lent(
+            self.worker.buffers.give, self.transport, asyncio.get_running_loop(),
+            limit=8 * max_request,
+        ))
         self._arm_timer(self.worker.settings.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -106,7 +106,7 @@ class WorkerSession(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        self._batch = []
+        self.replies.burst()
         self._unchanged = False
         self._reads = 0
         started = time.monotonic()
@@ -124,15 +124,14 @@ class WorkerSession(asyncio.Protocol):
             self._log.warning("protocol_error", code=error.code.name, error=error.message)
             self.close(error.code, error.message)
         finally:
-            self._write_batch()
+            self.replies.flush()
             if self._reads:
                 self.worker.requests.reads(time.monotonic() - started, self._reads)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._lent is not None:
-            self._lent.close()
+        self.replies.detach()
         self.transport = None
         why = self._closed_why or (str(exc) if exc else "closed by target")
         self.worker.ended(self, why)
@@ -151,41 +150,14 @@ class WorkerSession(asyncio.Protocol):
     # -- what pvsd says ---------------------------------------------------------------------
 
     def send(self, event: ev.Event) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        try:
-            buffers = self.conn.send_buffers(event)
-        except ProtocolError as error:
-            self._log.error("internal_protocol_error", error=str(error))
-            self.transport.abort()
-            return
-        if self._batch is None:
-            self.transport.writelines(buffers)
-            if self._lent is not None:
-                self._lent.wrote(buffers)
-            return
-        self._batch += buffers
-        self._batched += sum(len(b) for b in buffers)
-        if self._batched >= _BATCH_BYTES:
-            self._write_batch()
-            self._batch = []
-
-    def _write_batch(self) -> None:
-        batch, self._batch = self._batch, None
-        self._batched = 0
-        transport = self.transport
-        if not batch or transport is None or transport.is_closing():
-            return
-        transport.writelines(batch)
-        if self._lent is not None:
-            self._lent.wrote(batch)
+        self.replies.send(event, self._log)
 
     def close(self, code: int = 0, message: str = "") -> None:
         if self.transport is None:
             return
         self._closed_why = self._closed_why or message
         self.send(ev.Goodbye(code, message))
-        self._write_batch()
+        self.replies.flush()
         self.transport.close()
 
     def abort(self, why: str) -> None:
@@ -216,7 +188,7 @@ class WorkerSession(asyncio.Protocol):
             case ev.Goodbye(code, message):
                 self._log.info("target_said_goodbye", code=code, message=message)
                 self._closed_why = "said goodbye"
-                self._write_batch()
+                self.replies.flush()
                 if self.transport is not None:
                     self.transport.close()
             case _:
@@ -323,21 +295,14 @@ class WorkerSession(asyncio.Protocol):
             self._refuse(request.request_id, ErrorCode.NO_IDENTICAL_REPLICA, self.invalid)
             return
         try:
-            length = self.manifest.shape.page_length(request.level, request.page)
-        except ManifestError as error:
-            self._refuse(request.request_id, ErrorCode.OUT_OF_RANGE, str(error))
-            return
-        if length != request.length:
-            self._refuse(request.request_id, ErrorCode.OUT_OF_RANGE,
-                         f"page {request.page} of level {request.level} is {length} bytes, "
-                         f"not {request.length}")
-            return
-        try:
-            data = self.manifest.page(request.level, request.page)
+            page = digest_page(self.manifest, request)
         except OSError as error:
             self._io_failed(request.request_id, error)
             return
-        self.send(ev.ReadData(request.request_id, data))
+        if isinstance(page, str):
+            self._refuse(request.request_id, ErrorCode.OUT_OF_RANGE, page)
+            return
+        self.send(ev.ReadData(request.request_id, page))
         self.worker.requests.observe("digests", time.monotonic() - self.last_heard)
 
     # -- timers -----------------------------------------------------------------------------
@@ -461,7 +426,7 @@ class StreamWorker:
                 session.invalid = str(message["message"])
             case _:
                 log.error("unknown_message", op=op)
-        session._write_batch()
+        session.replies.flush()
 
     def _adopt(self, message: Message, fds: list[int]) -> None:
         if len(fds) != 3:
