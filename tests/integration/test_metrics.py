@@ -201,7 +201,7 @@ def test_pvsd_is_ready_once_it_has_joined_the_site_and_its_loop_pings(site: Runn
     pings = sum(1 for m in site.notify.snapshot() if m.get("WATCHDOG") == "1")
     site.notify.wait_for(
         lambda messages: sum(1 for m in messages if m.get("WATCHDOG") == "1") >= pings + 3,
-        5, "three more WATCHDOG=1 (one every 0.2 s)",
+        30, "three more WATCHDOG=1 (one every 0.2 s)",
     )
 
 
