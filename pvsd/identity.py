@@ -52,6 +52,16 @@ class StatKey:
         return [name for name in fields if getattr(self, name) != getattr(other, name)]
 
 
+def content_key(fd: int) -> tuple[int, int, int] | None:
+    """Size, mtime and ctime of the open file ``fd`` (None if it cannot be looked at): what a
+    session compares with its login's to know the image was not written since."""
+    try:
+        result = os.fstat(fd)
+    except OSError:
+        return None
+    return result.st_size, result.st_mtime_ns, result.st_ctime_ns
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Verified:
     """The image with stat key ``stat`` matched a manifest whose tree has the top digest

@@ -42,6 +42,7 @@ from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode
 from pvsd import locks
 from pvsd.config import format_address
+from pvsd.identity import content_key
 from pvsd.manifest import ManifestFile, write_and_record
 from pvsd.metrics import requests_of
 from pvsd.names import InvalidName, validate_name
@@ -346,13 +347,17 @@ class Session(asyncio.Protocol):
         vdisk = self.vdisk
         if self.remote is None or vdisk is None:
             return
-        if vdisk.damage is not None or vdisk.identity != self.identity \
-                or vdisk.manifest is not self.manifest:
+        if self._withdrawn(vdisk):
             self.remote.send({
                 "op": "invalid", "session": self.session_id,
                 "message": f"replica of {vdisk.name} here is damaged or changed since login: "
                 "log in again",
             })
+
+    def _withdrawn(self, vdisk: VDisk) -> bool:
+        """The replica logged in to is damaged now, or no longer the one served here."""
+        return (vdisk.damage is not None or vdisk.identity != self.identity
+                or vdisk.manifest is not self.manifest)
 
     def remote_ended(self, reason: str) -> None:
         """The worker's connection to the target ended."""
@@ -525,14 +530,8 @@ class Session(asyncio.Protocol):
         session must never get bytes of another replica. Checked once per burst of requests
         (one fstat for all the reads that arrived together), since at deep queues a per-read
         fstat cost more than the read itself."""
-        if self._unchanged:
-            return False
-        try:
-            result = os.fstat(image.fd)
-        except OSError:
-            return True
-        key = (result.st_size, result.st_mtime_ns, result.st_ctime_ns)
-        self._unchanged = key == self._stat_at_login
+        if not self._unchanged:
+            self._unchanged = content_key(image.fd) == self._stat_at_login
         return not self._unchanged
 
     def _request_error(self, request_id: int, code: ErrorCode, message: str) -> None:
@@ -667,10 +666,7 @@ class Session(asyncio.Protocol):
         """A page of the manifest tree pinned at login, read from the manifest file."""
         vdisk, manifest = self.vdisk, self.manifest
         assert vdisk is not None
-        if self.write_fd is None and (
-            vdisk.damage is not None or vdisk.identity != self.identity
-            or vdisk.manifest is not manifest
-        ):
+        if self.write_fd is None and self._withdrawn(vdisk):
             self._request_error(
                 request.request_id, ErrorCode.NO_IDENTICAL_REPLICA,
                 f"replica of {vdisk.name} here is damaged or changed since login: log in again",

@@ -35,6 +35,7 @@ from pvs_protocol.connection import Connection, Role
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.manifest import ManifestError
 from pvsd import logs
+from pvsd.identity import content_key
 from pvsd.manifest import ManifestFile, manifest_of
 from pvsd.metrics import RequestStats
 from pvsd.replies import Replies, digest_page
@@ -84,7 +85,6 @@ class WorkerSession(asyncio.Protocol):
         self._unchanged = False
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
-        self._in_threads = 0
         self._closed_why = ""
         self._reads = 0
         """Reads answered from the page cache in this burst (their latency: pvsd.metrics)."""
@@ -208,12 +208,7 @@ class WorkerSession(asyncio.Protocol):
         """Whether this replica may still be served: not withdrawn by pvsd, and the image file
         not written since login (one fstat per burst of requests, as pvsd's sessions do)."""
         if not self.invalid and not self._unchanged:
-            try:
-                result = os.fstat(self.image_fd)
-                key = (result.st_size, result.st_mtime_ns, result.st_ctime_ns)
-                self._unchanged = key == self.stat_key
-            except OSError:
-                self._unchanged = False
+            self._unchanged = content_key(self.image_fd) == self.stat_key
             if not self._unchanged:
                 self.invalid = f"replica of {self.vdisk} changed since login: log in again"
         if self.invalid:
@@ -242,7 +237,6 @@ class WorkerSession(asyncio.Protocol):
             self.send(ev.ReadData(read.request_id, buffer))
             self._reads += 1
         else:
-            self._in_threads += 1
             since = time.monotonic()
             task = asyncio.ensure_future(self._read_rest(buffer, read, got))
             task.add_done_callback(lambda done: self._read_done(done, read.request_id, since))
@@ -262,7 +256,6 @@ class WorkerSession(asyncio.Protocol):
         return buffer
 
     def _read_done(self, task: asyncio.Future[bytearray], request_id: int, since: float) -> None:
-        self._in_threads -= 1
         if task.cancelled():
             return
         error = task.exception()
