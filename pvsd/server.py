@@ -184,6 +184,8 @@ class StreamServer:
             await self.workers.close()
 
     def _replica_changed(self, _name: str, vdisk: VDisk | None) -> None:
+        if self.workers is None:  # sessions here check their replica at each request
+            return
         for session in list(self.sessions):
             if session.remote is not None and (vdisk is None or session.vdisk is vdisk):
                 session.check_replica()
