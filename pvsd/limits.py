@@ -9,9 +9,13 @@ high-water mark, but twenty targets that send READs and never read the replies s
 server hold 20 MiB each, with nothing bounding the sum. ``ReplyBudget`` adds the sum: once the
 bytes its sessions' transports hold pass ``limit``, every session holding at least ``floor`` of
 them is no longer read from (it may send no new requests) until it holds less than half of
-that, or until the sum is back under three quarters of the limit (the end of the episode).
-Sessions whose targets read their replies hold almost nothing between two loop turns, so they
-go on being served: the budget falls on the sessions that hold the most.
+that. While the sum stays over three quarters of the limit, any other session reaching the
+floor joins them. The episode ends once the sum is under three quarters and every paused
+session has drained: a session whose target does not read stays paused however much of its
+backlog the kernel's socket buffers take, so that it cannot be read again, queue replies
+anew and start an episode after each. Sessions whose targets read their replies hold almost
+nothing between two loop turns, so they go on being served: the budget falls on the sessions
+that hold the most.
 
 Connections. ``SourceLimit`` counts the stream connections of each source address, at most
 ``cap``: past it, a new one replaces the oldest of its source still in its handshake, or is
@@ -29,7 +33,8 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 RESUME_FRACTION = 0.75
-"""An episode ends once the sum is back under this fraction of the budget."""
+"""Within an episode, sessions reaching the floor are paused while the sum is over this
+fraction of the budget; it ends once the sum is under it and every paused session drained."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,7 +46,7 @@ class BudgetChange(Generic[K]):
     started: bool = False
     """The sum just passed the budget: an episode begins (log it, once)."""
     ended: bool = False
-    """The sum is back under ``RESUME_FRACTION`` of the budget: every session is read again."""
+    """The sum is back under ``RESUME_FRACTION`` of the budget and no session is paused."""
 
 
 class ReplyBudget(Generic[K]):
@@ -81,13 +86,9 @@ class ReplyBudget(Generic[K]):
         """``holder``'s transport holds ``unsent`` bytes (or at most that many, just after a
         write: they are held until the loop hands them to the kernel, so they count);
         None: nothing to do."""
-        old = self._unsent.get(holder, 0)
+        old = self._unsent.pop(holder, 0)
         if unsent:
             self._unsent[holder] = unsent
-        elif old:
-            del self._unsent[holder]
-        else:
-            return None
         self.queued += unsent - old
         if not self.over:
             if self.queued <= self.limit:
@@ -98,29 +99,24 @@ class ReplyBudget(Generic[K]):
             pause = tuple(h for h, held in self.top(len(self._unsent)) if held >= self.floor)
             self._paused.update(pause)
             return BudgetChange(pause=pause, started=True)
-        if self.queued > self.peak:
-            self.peak = self.queued
-        if self.queued <= self.low:
-            return self._end()
+        self.peak = max(self.peak, self.queued)
+        resume: tuple[K, ...] = ()
         if holder in self._paused:
             if unsent < self.floor // 2:
                 self._paused.discard(holder)
-                return BudgetChange(resume=(holder,))
-        elif unsent >= self.floor:
+                resume = (holder,)
+        elif unsent >= self.floor and self.queued > self.low:
             self._paused.add(holder)
             return BudgetChange(pause=(holder,))
-        return None
+        if self.queued <= self.low and not self._paused:
+            self.over = False
+            return BudgetChange(resume=resume, ended=True)
+        return BudgetChange(resume=resume) if resume else None
 
     def forget(self, holder: K) -> BudgetChange[K] | None:
         """``holder`` is gone (its connection closed): what it held is no longer held."""
         self._paused.discard(holder)
         return self.report(holder, 0)
-
-    def _end(self) -> BudgetChange[K]:
-        resume = tuple(self._paused)
-        self._paused.clear()
-        self.over = False
-        return BudgetChange(resume=resume, ended=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

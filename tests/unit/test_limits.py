@@ -53,28 +53,53 @@ def test_a_paused_session_that_drains_is_read_again_before_the_episode_ends() ->
     assert budget.over
 
 
-def test_the_episode_ends_under_three_quarters_and_every_session_is_read_again() -> None:
+def test_the_episode_ends_under_three_quarters_once_every_paused_session_drained() -> None:
     budget: ReplyBudget[str] = ReplyBudget(8 * MIB, floor=MIB)
     budget.report("a", 5 * MIB)
     started = budget.report("b", 4 * MIB)
-    assert started is not None and started.started
+    assert started is not None and started.started and set(started.pause) == {"a", "b"}
     assert budget.report("a", 3 * MIB) is None  # 7 MiB: not yet under 6
-    change = budget.report("a", 2 * MIB)
-    assert change is not None and change.ended
-    assert set(change.resume) == {"a", "b"}
+    assert budget.report("a", 2 * MIB) is None  # 6 MiB, but both still hold their backlog
+    resumed = budget.report("a", MIB // 4)
+    assert resumed is not None and resumed.resume == ("a",) and not resumed.ended
+    change = budget.report("b", MIB // 4)
+    assert change is not None and change.ended and change.resume == ("b",)
     assert not budget.over and budget.paused == 0 and budget.peak == 9 * MIB
-    again = budget.report("a", 5 * MIB)
+    again = budget.report("a", 9 * MIB)
     assert again is not None and again.started and budget.episodes == 2
+
+
+def test_a_target_that_never_reads_keeps_the_episode_open_however_much_the_kernel_takes() -> None:
+    """Its socket buffers take part of its backlog: the sum falls under three quarters, but
+    it is not read again (it would queue replies anew and start an episode after each)."""
+    budget: ReplyBudget[str] = ReplyBudget(8 * MIB, floor=MIB)
+    budget.report("stalled", 9 * MIB)
+    assert budget.report("stalled", 3 * MIB) is None  # under three quarters, still held
+    assert budget.over and budget.is_paused("stalled")
+    assert budget.report("reader", 2 * MIB) is None  # 5 MiB: at the floor, but no pressure
+    assert not budget.is_paused("reader")
+    change = budget.report("reader", 4 * MIB)  # 7 MiB: over three quarters again
+    assert change is not None and change.pause == ("reader",) and not change.started
+    assert budget.episodes == 1
 
 
 def test_a_session_that_leaves_gives_back_what_it_held() -> None:
     budget: ReplyBudget[str] = ReplyBudget(8 * MIB, floor=MIB)
     budget.report("gone", 9 * MIB)
-    budget.report("other", 2 * MIB)
+    budget.report("other", MIB // 4)
     change = budget.forget("gone")
-    assert change is not None and change.ended and change.resume == ("other",)
-    assert budget.queued == 2 * MIB and budget.holding("gone") == 0
+    assert change is not None and change.ended and change.resume == ()
+    assert budget.queued == MIB // 4 and budget.holding("gone") == 0
     assert budget.forget("never seen") is None
+
+
+def test_the_last_paused_session_leaving_ends_the_episode() -> None:
+    budget: ReplyBudget[str] = ReplyBudget(8 * MIB, floor=MIB)
+    budget.report("a", 5 * MIB)
+    budget.report("b", 4 * MIB)
+    assert budget.forget("a") is None  # b still holds 4 MiB unread
+    change = budget.forget("b")
+    assert change is not None and change.ended and not budget.over
 
 
 def test_bad_budgets_are_refused() -> None:
