@@ -40,7 +40,10 @@ def configure(*, json: bool = False, level: str = "info", name: str | None = Non
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line, newline included (print writes the line and its newline apart
+        # on a non-terminal stderr): pvsd and its stream workers share one stderr, and a line
+        # of one must not land between another's text and its newline.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
 

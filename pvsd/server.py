@@ -26,8 +26,9 @@ from pvs_protocol.coordination import ServerState
 from pvs_protocol.errors import ErrorCode
 from pvs_protocol.modes import Mode
 from pvsd import balance, locks
+from pvsd.budget import BudgetKeeper, share
 from pvsd.config import Config, format_address, parse_address
-from pvsd.limits import BudgetChange, ReplyBudget, SourceLimit
+from pvsd.limits import SourceLimit
 from pvsd.metrics import requests_of
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry, replicas_of
@@ -86,12 +87,10 @@ class StreamServer:
         self._site_sent: frozenset[str] = frozenset()
         self.relogins_sent: collections.Counter[str] = collections.Counter()
         """RELOGIN notices sent, by why (stop_stream, store_stalled), for pvsd.metrics."""
-        budget = config.reply_budget
-        self.budget: ReplyBudget[Session] = ReplyBudget(
-            budget, floor=min(config.max_request, max(64 * 1024, budget // 64))
+        self.budget: BudgetKeeper[Session] = BudgetKeeper(
+            share(config.reply_budget, config.stream_workers), config.max_request
         )
-        """Replies written and not yet sent, over all sessions (see pvsd.limits)."""
-        self._budget_since = 0.0
+        """Replies written and not yet sent, over this process's sessions (pvsd.budget)."""
         self.sources: SourceLimit[Session] = SourceLimit(config.max_connections_per_source)
         """Stream connections per source address."""
         self.workers: Workers | None = None
@@ -232,7 +231,7 @@ class StreamServer:
             if dropped:
                 log.info("connections_under_cap", source=session.peer_ip,
                          refused_or_replaced=dropped, cap=self.sources.cap)
-            self._apply_budget(self.budget.forget(session))
+            self.budget.forget(session)
             self._bytes_done += session.bytes_read + session.bytes_written
             if session.vdisk is not None:
                 self.targets_changed()
@@ -242,39 +241,7 @@ class StreamServer:
     def replies_unsent(self, session: Session, unsent: int) -> None:
         """A session's transport holds ``unsent`` bytes of replies (see ``Lent``)."""
         if session in self.sessions:
-            change = self.budget.report(session, unsent)
-            if change is not None:
-                self._apply_budget(change)
-
-    def _apply_budget(self, change: BudgetChange[Session] | None) -> None:
-        if change is None:
-            return
-        budget = self.budget
-        for session in change.pause:
-            session.budget_pause()
-        if change.started:
-            self._budget_since = time.monotonic()
-            top = [
-                f"{session.peer} {held / MIB:.1f} MiB" for session, held in budget.top(5)
-            ]
-            log.warning(
-                "reply_budget_exceeded", queued_mib=round(budget.queued / MIB, 1),
-                budget_mib=round(budget.limit / MIB, 1), paused=len(change.pause),
-                holding_most=top,
-                action="targets send requests faster than they read the replies: those "
-                "holding the most are not read from until their replies drain. If they are "
-                "real targets on slow links, raise reply_budget (memory allowing); if not, "
-                "look at the hosts named",
-            )
-        if change.ended:
-            log.info(
-                "reply_budget_recovered", queued_mib=round(budget.queued / MIB, 1),
-                peak_mib=round(budget.peak / MIB, 1), resumed=len(change.resume),
-                seconds=round(time.monotonic() - self._budget_since, 1),
-            )
-        for session in change.resume:
-            if not budget.is_paused(session):  # a report made while resuming may pause again
-                session.budget_resume()
+            self.budget.unsent(session, unsent)
 
     def targets_changed(self) -> None:
         """A target came or went: peers hear our new count within a few tens of ms, not at

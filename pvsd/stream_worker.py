@@ -35,6 +35,7 @@ from pvs_protocol.connection import Connection, Role
 from pvs_protocol.errors import ErrorCode, ProtocolError
 from pvs_protocol.manifest import ManifestError
 from pvsd import logs
+from pvsd.budget import BudgetKeeper
 from pvsd.identity import content_key
 from pvsd.manifest import ManifestFile, manifest_of
 from pvsd.metrics import RequestStats
@@ -55,6 +56,9 @@ class Settings:
     pvsd_timeout: float
     """Nothing heard from pvsd for this long: it is frozen, and the site counts this server
     down; the sessions here end so that their targets move."""
+    reply_budget: int
+    """This worker's share of the server's ``reply_budget`` (pvsd.budget)."""
+    max_request: int
 
 
 class WorkerSession(asyncio.Protocol):
@@ -79,11 +83,16 @@ class WorkerSession(asyncio.Protocol):
         self.bytes_read = 0
         self.transport: asyncio.Transport | None = None
         self.last_heard = time.monotonic()
-        self._log = log.bind(peer=state.get("peer", ""), device=state.get("device", ""),
+        self.peer = str(state.get("peer", ""))
+        self._log = log.bind(peer=self.peer, device=state.get("device", ""),
                              vdisk=self.vdisk, session=f"{session_id:016x}")
         self.replies = Replies(self.conn)
         self._unchanged = False
         self._paused = False
+        """Requests are not read: the transport's buffer is full, or this worker's share of
+        the reply budget is spent and this session holds much of it (pvsd.budget)."""
+        self._write_paused = False
+        self._budget_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed_why = ""
         self._reads = 0
@@ -97,7 +106,7 @@ class WorkerSession(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=4 * max_request)
         self.replies.attach(self.transport, Lent(
             self.worker.buffers.give, self.transport, asyncio.get_running_loop(),
-            limit=8 * max_request,
+            limit=8 * max_request, unsent=self._unsent,
         ))
         self._arm_timer(self.worker.settings.idle_timeout)
 
@@ -137,15 +146,36 @@ class WorkerSession(asyncio.Protocol):
         self.worker.ended(self, why)
 
     def pause_writing(self) -> None:
-        self._paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._write_paused = True
+        self._pause()
 
     def resume_writing(self) -> None:
-        self._paused = False
-        if self.transport is not None:
-            self.transport.resume_reading()
-            self._process()
+        self._write_paused = False
+        self._resume()
+
+    def budget_pause(self) -> None:
+        self._budget_paused = True
+        self._pause()
+
+    def budget_resume(self) -> None:
+        self._budget_paused = False
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and not self._write_paused and not self._budget_paused:
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+                self._process()
+
+    def _unsent(self, size: int) -> None:
+        if self.worker.sessions.get(self.session_id) is self:
+            self.worker.budget.unsent(self, size)
 
     # -- what pvsd says ---------------------------------------------------------------------
 
@@ -320,6 +350,9 @@ class StreamWorker:
 
     def __init__(self, channel: socket.socket, settings: Settings, io_threads: int) -> None:
         self.settings = settings
+        self.budget: BudgetKeeper[WorkerSession] = BudgetKeeper(
+            settings.reply_budget, settings.max_request
+        )
         self.buffers = BufferPool()
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="pvsd-worker-io")
         self.sessions: dict[int, WorkerSession] = {}
@@ -352,6 +385,7 @@ class StreamWorker:
             self.channel_send({"op": "ended", "session": session.session_id,
                                "bytes": session.bytes_read, "reason": why})
             os.close(session.image_fd)
+            self.budget.forget(session)
             self._release_manifest(session.session_id)
 
     def _release_manifest(self, session_id: int) -> None:
@@ -494,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=30.0)
     parser.add_argument("--stall-timeout", type=float, default=1.0)
     parser.add_argument("--pvsd-timeout", type=float, default=3.0)
+    parser.add_argument("--reply-budget", type=int, default=256 << 20)
+    parser.add_argument("--max-request", type=int, default=4 << 20)
     args = parser.parse_args(argv)
     logs.configure(json=args.log_json, level=args.log_level, name=args.name or None)
     structlog.contextvars.bind_contextvars(worker=args.number)
@@ -501,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     # reaches the whole process group, and pvsd first moves the targets served here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    settings = Settings(args.idle_timeout, args.stall_timeout, args.pvsd_timeout)
+    settings = Settings(args.idle_timeout, args.stall_timeout, args.pvsd_timeout,
+                        args.reply_budget, args.max_request)
 
     async def serve() -> None:
         channel = socket.socket(fileno=args.channel)

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from pvsd.budget import share
+
 if TYPE_CHECKING:
     from pvsd.config import Config
     from pvsd.session import Session
@@ -176,6 +178,8 @@ class Worker:
                 "--idle-timeout", repr(config.idle_timeout),
                 "--stall-timeout", repr(config.stall_timeout),
                 "--pvsd-timeout", repr(config.peer_timeout),
+                "--reply-budget", str(share(config.reply_budget, config.stream_workers)),
+                "--max-request", str(config.max_request),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
