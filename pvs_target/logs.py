@@ -17,6 +17,6 @@ def configure_logging(verbosity: int, *, quiet: bool = True) -> None:
     level = quietest if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),  # line and newline: one write
         cache_logger_on_first_use=False,
     )
