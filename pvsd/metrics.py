@@ -277,7 +277,7 @@ class PvsdCollector(Collector):
         yield GaugeMetricFamily(
             "pvsd_stores_stalled", "Stores whose requests have not completed for "
             "stall_timeout (their copies are not served).",
-            value=sum(1 for path in server.catalog_paths if server.stalls.stalled(path)),
+            value=sum(1 for path in server.catalog_paths if server.store_stalled(path)),
         )
         relogins = CounterMetricFamily(
             "pvsd_relogins_sent", "RELOGIN notices sent to targets (move to another server), "

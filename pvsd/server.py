@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import enum
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -30,9 +27,9 @@ from pvsd.budget import BudgetKeeper, share
 from pvsd.config import Config, format_address, parse_address
 from pvsd.limits import SourceLimit
 from pvsd.metrics import requests_of
+from pvsd.serving import ServingIO
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry, replicas_of
-from pvsd.stalls import StallTracker, Transition
 from pvsd.store import Catalog, VDisk
 from pvsd.versions import DeviceClass, device_class
 from pvsd.workers import Workers
@@ -74,10 +71,12 @@ class StreamServer:
         self._bytes_done = 0
         self._rate = 0
         self._rate_sample = (time.monotonic(), 0)
-        self.io_pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="pvsd-io")
+        self.serving = ServingIO(config.io_threads, config.stall_timeout, self._stall_changed)
         """Serving I/O only (reads that miss the page cache, writes, fdatasync): hashing and
         scrubbing run in the catalog's pool, so they never make a target's read wait."""
-        self.stalls = StallTracker()
+        self._stalled_in: dict[Path, set[str]] = {}
+        """Stores that do not answer, and where that was found: "pvsd" (this process's
+        threads) or "worker N" (a stream worker's)."""
         self.lingering_writers: set[int] = set()
         """Sessions ended while their writes were still in worker threads: their writer
         locks stay held (see Session)."""
@@ -101,7 +100,7 @@ class StreamServer:
         """Listen; only once this returns is the service started."""
         loop = asyncio.get_running_loop()
         if self.config.stream_workers and self.workers is None:
-            self.workers = Workers(self.config, requests_of(self).add)
+            self.workers = Workers(self.config, requests_of(self).add, self.worker_stalls)
             await self.workers.start()
         host, port = self.config.listen_host, self.config.listen_port
         if self._bound_port:  # a restart keeps the port it had (listen port 0 in tests)
@@ -174,7 +173,7 @@ class StreamServer:
 
     def close(self) -> None:
         """At exit: threads stuck on a store that does not answer are not waited for."""
-        self.io_pool.shutdown(wait=False, cancel_futures=True)
+        self.serving.close()
 
     async def stop(self) -> None:
         """SIGTERM: the same orderly move of targets as stop-stream, then the workers end."""
@@ -354,7 +353,7 @@ class StreamServer:
                 f"{vdisk.name} on {self.config.name} is damaged (first bad offset "
                 f"{vdisk.damage.first_offset}): log in at another server of the site",
             )
-        if self.stalls.stalled(vdisk.store.path):
+        if self.store_stalled(vdisk.store.path):
             return ev.Error(
                 0, ErrorCode.NO_IDENTICAL_REPLICA,
                 f"the store of {vdisk.name} on {self.config.name} is not answering (stalled "
@@ -486,39 +485,36 @@ class StreamServer:
 
     # -- serving I/O and stalled stores ------------------------------------------------------
 
-    async def run_io(
-        self, store: Path, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        """Blocking file work of a session, in the serving pool, recorded against its store
-        until the thread returns (not until the caller stops waiting: a cancelled wait does
-        not stop a thread stuck in the kernel)."""
-        loop = asyncio.get_running_loop()
-        token = self.stalls.started(store)
-        future = self.io_pool.submit(function, *args, **kwargs)
-        timer = loop.call_later(self.config.stall_timeout, self._io_overdue, token, store)
-
-        def returned(_done: Future[_T]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: pvsd is exiting
-                loop.call_soon_threadsafe(self._io_returned, token, store, timer)
-
-        future.add_done_callback(returned)
-        return await asyncio.wrap_future(future)
-
     def store_stalled(self, store: Path) -> bool:
-        return self.stalls.stalled(store)
+        return bool(self._stalled_in.get(store))
 
-    def _io_overdue(self, token: int, store: Path) -> None:
-        if self.stalls.overdue(token) is Transition.STALLED:
+    def _stall_changed(self, store: Path, stalled: bool, where: str = "pvsd") -> None:
+        """``store`` stalled (or answers again) in this process's threads or in a stream
+        worker's: the site sees one server, whose store stalls when any of them finds so and
+        recovers once none does."""
+        before = self.store_stalled(store)
+        places = self._stalled_in.setdefault(store, set())
+        if stalled:
+            places.add(where)
+        else:
+            places.discard(where)
+            if not places:
+                del self._stalled_in[store]
+        if self.store_stalled(store) == before:
+            return
+        if not before:
             self._store_stalled(store)
+            return
+        log.warning(
+            "store_recovered", store=str(store),
+            hint="its requests complete again: its replicas are served again",
+        )
+        self._inventory_changed()
 
-    def _io_returned(self, token: int, store: Path, timer: asyncio.TimerHandle) -> None:
-        timer.cancel()
-        if self.stalls.finished(token) is Transition.RECOVERED:
-            log.warning(
-                "store_recovered", store=str(store),
-                hint="its requests complete again: its replicas are served again",
-            )
-            self._inventory_changed()
+    def worker_stalls(self, where: str, stores: dict[Path, bool]) -> None:
+        """What a stream worker found (or, when it ended, forgot) of its stores."""
+        for store, stalled in stores.items():
+            self._stall_changed(store, stalled, where)
 
     def _store_stalled(self, store: Path) -> None:
         """Stop counting on a store that does not answer: its replicas leave the site's
@@ -531,7 +527,8 @@ class StreamServer:
         ]
         log.error(
             "store_stalled", store=str(store), seconds=self.config.stall_timeout,
-            in_threads=self.stalls.waiting(store), targets_moved=len(moving),
+            found_by=sorted(self._stalled_in.get(store, ())),
+            in_threads=self.serving.waiting(store), targets_moved=len(moving),
             action=f"requests to {store} have not completed for {self.config.stall_timeout:g} "
             "s: check the disk or network share under it; its targets are sent to other "
             "servers, and it is served again once its requests complete",
@@ -605,7 +602,7 @@ class StreamServer:
         for (name, version), vdisk in sorted(self.catalog.by_version().items()):
             r = self.replica(vdisk)
             # a stalled store's replicas are not served: no identity while it is stalled
-            identity = None if self.stalls.stalled(vdisk.store.path) else r.identity
+            identity = None if self.store_stalled(vdisk.store.path) else r.identity
             replicas[name, version] = replica_entry(
                 name, identity, mode=r.mode, maintenance=r.maintenance,
                 load_balancing=r.load_balancing, fixed_server=r.fixed_server,

@@ -1,16 +1,6 @@
-"""One target's connection to this server: handshake, login, then block requests.
-
-Reads are served on the event loop when the page cache has the data (``RWF_NOWAIT`` makes the
-kernel say so instead of blocking); only a read that would wait on the disk goes to a worker
-thread. A thread hop costs more than a cached 4 KiB read, so doing it for every request would
-cap small-read IOPS far below what the clients can ask for (aiofiles' way, always a thread,
-is kept for that fallback only).
-
-Worker threads come from the server's serving pool (``io_threads``), never from the pool that
-hashes and scrubs, so background work cannot make a target's read wait. A request still in its
-thread after ``stall_timeout`` is answered at once with a retryable IO_ERROR and its late result
-dropped: a store that does not answer (a hung disk, an NFS share gone) sends its targets
-elsewhere instead of holding them (see `pvsd.stalls`).
+"""One target's connection to this server: handshake, login, then block requests (served as
+`pvsd.serving` says: reads from the page cache on the loop, the rest in threads, a stalled
+store's requests answered with IO_ERROR), or handed to a stream worker (`pvsd.workers`).
 
 Replies are copied from the page cache into a buffer and written with ``writelines``, not sent
 with ``sendfile``, although a read-only session's replies carry no CRC-32 any more (its target
@@ -28,16 +18,15 @@ import secrets
 import socket
 import time
 import typing
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from pvs_protocol import events as ev
 from pvs_protocol.buffers import Lent
 from pvs_protocol.connection import Connection, Phase, Role, negotiate
-from pvs_protocol.errors import ErrorCode, ProtocolError
+from pvs_protocol.errors import ErrorCode
 from pvs_protocol.identity import ReplicaIdentity
 from pvs_protocol.modes import Mode
 from pvsd import locks
@@ -47,6 +36,7 @@ from pvsd.manifest import ManifestFile, write_and_record
 from pvsd.metrics import requests_of
 from pvsd.names import InvalidName, validate_name
 from pvsd.replies import Replies, digest_page
+from pvsd.serving import ServedSession
 
 if TYPE_CHECKING:
     from pvsd.server import StreamServer
@@ -65,25 +55,12 @@ DAMAGE_WINDOW = 10.0
 costs a read here, and a lying target must not make the server re-read without end."""
 
 
-@dataclasses.dataclass(slots=True)
-class _Offloaded:
-    """A request handed to a worker thread, until the thread returns."""
-
-    request_id: int
-    what: str
-    since: float = 0.0
-    """When its request arrived (monotonic): its latency, for pvsd.metrics."""
-    timer: asyncio.TimerHandle | None = None
-    answered: bool = False
-    """Answered already (with IO_ERROR, the store being stalled): the late result is dropped,
-    since the state machine closes a request on its first answer and the target may have
-    reused the id."""
-
-
-class Session(asyncio.Protocol):
+class Session(ServedSession):
     """Protocol handler for one target connection; owned and tracked by the StreamServer."""
 
     def __init__(self, server: StreamServer) -> None:
+        config = server.config
+        super().__init__(server.serving, server.buffers, requests_of(server), config.idle_timeout)
         self.server = server
         self.conn = Connection(Role.SERVER, screen=self._screen_write)
         self.session_id = 0
@@ -95,20 +72,8 @@ class Session(asyncio.Protocol):
         self.since = time.time()
         self.pinned_login = False
         """The login carried a pinned identity: the target moved here, it did not boot."""
-        self.bytes_read = 0
         self.bytes_written = 0
-        self.last_heard = time.monotonic()
-        self.transport: asyncio.Transport | None = None
         self._log = log
-        self._paused = False
-        """Requests are not read: the transport's buffer is full, or the server's reply
-        budget is spent and this session holds much of it (see pvsd.limits)."""
-        self._write_paused = False
-        self._budget_paused = False
-        self._pending: dict[asyncio.Future[ev.Event], _Offloaded] = {}
-        """Requests in worker threads. They are not cancelled when the connection ends (a
-        thread cannot be stopped): a writer's lock and image stay held until its last write
-        has returned, so that no late write lands under another writer."""
         self._login_task: asyncio.Task[None] | None = None
         self.identity: ReplicaIdentity | None = None
         self.image: ImageFile | None = None
@@ -117,14 +82,9 @@ class Session(asyncio.Protocol):
         self._damage_reports: list[float] = []
         self._stat_at_login: tuple[int, int, int] = (0, 0, 0)
         self.replies = Replies(self.conn)
-        self._unchanged = False
         self.write_fd: int | None = None
         """Open only for the one writer of a Private Image vDisk."""
-        self._timer: asyncio.TimerHandle | None = None
         self._closed = asyncio.get_running_loop().create_future()
-        self._requests = requests_of(server)
-        self._reads = 0
-        """Reads answered from the page cache in this burst (their latency: pvsd.metrics)."""
         self.remote: Worker | None = None
         """The stream worker serving this session (`pvsd.workers`); this object stands in
         for it here: counted, listed, told to move or close."""
@@ -154,35 +114,6 @@ class Session(asyncio.Protocol):
             limit=8 * self.server.config.max_request, unsent=self._unsent,
         )
         self._arm_timer(self.server.config.handshake_timeout)
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        self._process()
-
-    def _process(self) -> None:
-        """Handle every whole frame received, unless the target is not reading our replies:
-        then requests wait in the receive buffer (bounded by TCP) until it catches up."""
-        self.replies.burst()
-        self._unchanged = False  # look at the image again for this burst
-        started = time.monotonic()
-        try:
-            while self.transport is not None and not self.transport.is_closing():
-                if self._paused:
-                    return
-                event = self.conn.next_event()
-                if event is ev.NEED_DATA:
-                    break
-                assert not isinstance(event, ev.NeedData)
-                self.last_heard = time.monotonic()  # whole frames only keep a session alive
-                self._handle(event)
-        except ProtocolError as error:
-            self._log.warning("protocol_error", code=error.code.name, error=error.message)
-            self.close(error.code, error.message)
-        finally:
-            self.replies.flush()
-            if self._reads:
-                self._requests.reads(time.monotonic() - started, self._reads)
-                self._reads = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -222,36 +153,6 @@ class Session(asyncio.Protocol):
         # The digests of every landed write are in the manifest file already (durable
         # once a FLUSH was answered); the identity follows its root.
         self.server.catalog.writer_left(self.vdisk, self.session_id)
-
-    def pause_writing(self) -> None:
-        # The target reads slower than we answer: stop taking requests until it catches up.
-        self._write_paused = True
-        self._pause()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._resume()
-
-    def budget_pause(self) -> None:
-        """The server's reply budget is spent and this session holds much of it."""
-        self._budget_paused = True
-        self._pause()
-
-    def budget_resume(self) -> None:
-        self._budget_paused = False
-        self._resume()
-
-    def _pause(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def _resume(self) -> None:
-        if self._paused and not self._write_paused and not self._budget_paused:
-            self._paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
-                self._process()
 
     def _unsent(self, size: int) -> None:
         """What the transport holds (see ``Lent``), for the server's reply budget."""
@@ -314,7 +215,8 @@ class Session(asyncio.Protocol):
         assert vdisk is not None
         worker.adopt(self, [sock.fileno(), image.fd, manifest.fd], {
             "vdisk": vdisk.name, "size": vdisk.size, "stat": list(self._stat_at_login),
-            "manifest": str(manifest.path), "max_request": self.conn.max_request,
+            "manifest": str(manifest.path), "store": str(vdisk.store.path),
+            "max_request": self.conn.max_request,
             "max_in_flight": self.conn.max_in_flight, "checksum": int(self.conn.checksum),
             "peer": self.peer, "device": self.device_id,
         })
@@ -343,7 +245,7 @@ class Session(asyncio.Protocol):
 
     def check_replica(self) -> None:
         """The catalog changed this session's replica: a worker serving it stops serving it
-        as a session here would (see ``_check_range``)."""
+        as a session here would (see ``_readable``)."""
         vdisk = self.vdisk
         if self.remote is None or vdisk is None:
             return
@@ -498,7 +400,7 @@ class Session(asyncio.Protocol):
         )
         self.send(ev.Error(0, code, message))
 
-    def _check_range(self, request_id: int, offset: int, length: int) -> ImageFile | None:
+    def _readable(self, request_id: int, offset: int, length: int) -> int | None:
         vdisk, image = self.vdisk, self.image
         assert vdisk is not None and image is not None
         if offset + length > vdisk.size:
@@ -523,7 +425,7 @@ class Session(asyncio.Protocol):
                 f"replica of {vdisk.name} changed since login: log in again",
             )
             return None
-        return image
+        return image.fd
 
     def _changed_since_login(self, image: ImageFile) -> bool:
         """Whether the image was written since login, before the store's poll notices: a
@@ -534,66 +436,18 @@ class Session(asyncio.Protocol):
             self._unchanged = content_key(image.fd) == self._stat_at_login
         return not self._unchanged
 
-    def _request_error(self, request_id: int, code: ErrorCode, message: str) -> None:
-        self._log.warning("request_refused", request=request_id, code=code.name, error=message)
-        self.send(ev.Error(request_id, code, message))
-
-    def _read(self, read: ev.Read) -> None:
-        image = self._check_range(read.request_id, read.offset, read.length)
-        if image is None:
-            return
-        buffer = self.server.buffers.take(read.length)
-        try:
-            got = os.preadv(image.fd, [buffer], read.offset, _NOWAIT)
-        except BlockingIOError:
-            got = 0
-        except OSError as error:
-            self._io_failed(read.request_id, "read", error)
-            return
-        if got == read.length:
-            self.bytes_read += got
-            self.send(ev.ReadData(read.request_id, buffer))
-            self._reads += 1
-        elif not self._store_stalled(read.request_id, "read"):
-            self._offload(read.request_id, "read", self._read_rest(image, buffer, read, got))
-
-    def _store_stalled(self, request_id: int, what: str) -> bool:
-        """Answer a request that needs the disk at once while its store is stalled: another
-        thread would only wait behind the stuck ones, and the target should move now."""
-        vdisk = self.vdisk
-        assert vdisk is not None
-        if not self.server.store_stalled(vdisk.store.path):
-            return False
-        self.send(ev.Error(request_id, ErrorCode.IO_ERROR, self._stalled_message(what)))
-        return True
-
-    def _stalled_message(self, what: str) -> str:
-        name = self.vdisk.name if self.vdisk is not None else "?"
-        return (
-            f"{what} of {name}: the store of this server is not answering (stalled I/O): "
-            "log in at another server"
-        )
-
-    async def _read_rest(
-        self, image: ImageFile, buffer: bytearray, read: ev.Read, got: int
-    ) -> ev.Event:
-        """Finish a read that would block, in a serving worker thread: the loop stays free."""
-        store = self._store()
-        view = memoryview(buffer)
-        while got < len(buffer):
-            count = await self.server.run_io(
-                store, os.preadv, image.fd, [view[got:]], read.offset + got
-            )
-            if count == 0:
-                raise OSError(
-                    0, "image is shorter than its identity says (truncated while served?)"
-                )
-            got += count
-        return ev.ReadData(read.request_id, buffer)
-
     def _store(self) -> Path:
         assert self.vdisk is not None
         return self.vdisk.store.path
+
+    def _vdisk_name(self) -> str:
+        return self.vdisk.name if self.vdisk is not None else "?"
+
+    def _store_stalled(self) -> bool:
+        return self.server.store_stalled(self._store())  # by pvsd or by a stream worker
+
+    def _threads_done(self) -> None:
+        self._release_writer()  # the connection ended while writes were in threads
 
     def _screen_write(self, request_id: int, offset: int, length: int) -> ev.Error | None:
         """Refuse a WRITE this session cannot serve as soon as its header and offset are in,
@@ -616,7 +470,7 @@ class Session(asyncio.Protocol):
         return None
 
     def _write(self, write: ev.Write) -> None:
-        if self._check_range(write.request_id, write.offset, len(write.data)) is None:
+        if self._readable(write.request_id, write.offset, len(write.data)) is None:
             return
         if self.write_fd is None:
             name = self.vdisk.name if self.vdisk else "?"
@@ -625,7 +479,7 @@ class Session(asyncio.Protocol):
                 f"{name} is a Standard Image: writes belong in the target's write cache",
             )
             return
-        if self._store_stalled(write.request_id, "write"):
+        if self._refused_stalled(write.request_id, "write"):
             return
         self.bytes_written += len(write.data)
         self._offload(write.request_id, "write", self._write_recorded(self.write_fd, write))
@@ -635,7 +489,7 @@ class Session(asyncio.Protocol):
         the identity follows the new root."""
         vdisk, manifest = self.vdisk, self.manifest
         assert vdisk is not None and manifest is not None
-        identity = await self.server.run_io(
+        identity = await self._io.run(
             self._store(), write_and_record, fd, manifest, write.offset, write.data
         )
         if vdisk.manifest is manifest:
@@ -647,7 +501,7 @@ class Session(asyncio.Protocol):
             self.send(ev.Done(flush.request_id))  # nothing of ours is unwritten
             self._requests.observe("flush", time.monotonic() - self.last_heard)
             return
-        if self._store_stalled(flush.request_id, "flush"):
+        if self._refused_stalled(flush.request_id, "flush"):
             return
         self._offload(flush.request_id, "flush", self._sync(self.write_fd, flush.request_id))
 
@@ -655,9 +509,9 @@ class Session(asyncio.Protocol):
         """The data, then the manifest entries that describe it: durable before DONE."""
         vdisk, manifest = self.vdisk, self.manifest
         store = self._store()
-        await self.server.run_io(store, os.fdatasync, fd)
+        await self._io.run(store, os.fdatasync, fd)
         if manifest is not None:
-            await self.server.run_io(store, manifest.sync)
+            await self._io.run(store, manifest.sync)
             if vdisk is not None and vdisk.manifest is manifest:
                 self.server.catalog.wrote(vdisk, manifest.identity, tell=True)
         return ev.Done(request_id)
@@ -707,69 +561,7 @@ class Session(asyncio.Protocol):
             hint="the block is read again here: if it does not match, the replica is withdrawn",
         )
 
-    def _offload(self, request_id: int, what: str, work: Coroutine[Any, Any, ev.Event]) -> None:
-        """Run blocking file work in a worker thread; the session owns it until the thread
-        returns. Not answered within the stall timeout, it is answered with IO_ERROR then."""
-        task = asyncio.ensure_future(work)
-        offloaded = self._pending[task] = _Offloaded(request_id, what, time.monotonic())
-        offloaded.timer = asyncio.get_running_loop().call_later(
-            self.server.config.stall_timeout, self._overdue, task
-        )
-        task.add_done_callback(self._offload_done)
-
-    def _overdue(self, task: asyncio.Future[ev.Event]) -> None:
-        offloaded = self._pending.get(task)
-        if offloaded is None or task.done() or offloaded.answered:
-            return
-        offloaded.answered = True
-        seconds = self.server.config.stall_timeout
-        self._log.warning(
-            "request_stalled", request=offloaded.request_id, op=offloaded.what,
-            seconds=seconds, store=str(self._store()),
-            hint="answered with IO_ERROR so that the target moves; the store does not answer",
-        )
-        self.send(ev.Error(offloaded.request_id, ErrorCode.IO_ERROR,
-                           self._stalled_message(offloaded.what)))
-
-    def _offload_done(self, task: asyncio.Future[ev.Event]) -> None:
-        offloaded = self._pending.pop(task)
-        if offloaded.timer is not None:
-            offloaded.timer.cancel()
-        if self.transport is None and not self._pending:
-            self._release_writer()  # the connection ended while writes were in threads
-        if task.cancelled() or offloaded.answered:
-            if offloaded.answered and not task.cancelled() and task.exception() is None:
-                self._log.info("late_result_dropped", request=offloaded.request_id,
-                               op=offloaded.what)
-            return
-        request_id, what = offloaded.request_id, offloaded.what
-        error = task.exception()
-        if isinstance(error, OSError):
-            self._io_failed(request_id, what, error)
-        elif error is not None:
-            self._log.error("internal_error", request=request_id, op=what, error=repr(error))
-            self.send(ev.Error(request_id, ErrorCode.INTERNAL, f"{what}: internal error"))
-        else:
-            reply = task.result()
-            if isinstance(reply, ev.ReadData):
-                self.bytes_read += len(reply.data)
-            self.send(reply)
-            self._requests.observe(what, time.monotonic() - offloaded.since)
-
-    def _io_failed(self, request_id: int, what: str, error: OSError) -> None:
-        vdisk_name = self.vdisk.name if self.vdisk else "?"
-        self._log.error(
-            "io_error", request=request_id, op=what, error=str(error),
-            hint=f"check the image of {vdisk_name} and the disk it lives on",
-        )
-        self.send(ev.Error(request_id, ErrorCode.IO_ERROR, f"{what} failed on the server: {error}"))
-
     # -- timers -----------------------------------------------------------------------------
-
-    def _arm_timer(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._on_timer)
 
     def _on_timer(self) -> None:
         if self.conn.phase in (Phase.HELLO, Phase.LOGIN):
@@ -779,13 +571,7 @@ class Session(asyncio.Protocol):
             )
             self.close(ErrorCode.TIMEOUT, "handshake not completed in time")
             return
-        idle = time.monotonic() - self.last_heard
-        limit = self.server.config.idle_timeout
-        if idle >= limit:
-            self._log.warning("idle_timeout", seconds=round(idle, 1))
-            self.close(ErrorCode.TIMEOUT, f"nothing received for {limit:.0f} s")
-        else:
-            self._arm_timer(limit - idle)
+        super()._on_timer()
 
 
 def _address(name: object) -> str:

@@ -6,11 +6,12 @@ Each session arrives logged in, with its socket, image and manifest open: the wo
 READ, DIGESTS, FLUSH and KEEPALIVE under the same protocol rules (`pvs_protocol.connection`,
 taken over in the streaming phase), refuses WRITE as any read-only session does, relays
 DAMAGED reports to pvsd, and passes on what pvsd says to the target (RELOGIN, SITE, GOODBYE).
-It reads the page cache on its loop and what would block in threads, like pvsd's own sessions
-(`pvsd.session`), and answers a read still in its thread after ``--stall-timeout`` with a
-retryable IO_ERROR. When pvsd's end of the channel closes (pvsd exited, or was killed), the
-worker ends its connections and exits: its targets fail over as from any server that went
-away.
+Requests are served as pvsd's own sessions serve them (`pvsd.serving`): the page cache on the
+loop, what would block in threads, a read still in its thread after ``--stall-timeout``
+answered with a retryable IO_ERROR, and the store it waits on reported to pvsd as stalled
+until the thread returns (pvsd withdraws its replicas from the site). When pvsd's end of the
+channel closes (pvsd exited, or was killed), the worker ends its connections and exits: its
+targets fail over as from any server that went away.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import socket
 import sys
 import time
 import typing
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -32,7 +32,7 @@ import structlog
 from pvs_protocol import events as ev
 from pvs_protocol.buffers import BufferPool, Lent
 from pvs_protocol.connection import Connection, Role
-from pvs_protocol.errors import ErrorCode, ProtocolError
+from pvs_protocol.errors import ErrorCode
 from pvs_protocol.manifest import ManifestError
 from pvsd import logs
 from pvsd.budget import BudgetKeeper
@@ -40,11 +40,11 @@ from pvsd.identity import content_key
 from pvsd.manifest import ManifestFile, manifest_of
 from pvsd.metrics import RequestStats
 from pvsd.replies import Replies, digest_page
+from pvsd.serving import ServedSession, ServingIO
 from pvsd.workers import Channel, Message
 
 log = structlog.get_logger("pvsd.stream_worker")
 
-_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 BYTES_INTERVAL = 1.0
 """How often pvsd hears each session's byte count (its rate, metrics and status)."""
 
@@ -61,14 +61,17 @@ class Settings:
     max_request: int
 
 
-class WorkerSession(asyncio.Protocol):
+class WorkerSession(ServedSession):
     """One target's read-only session, from the first request after its login."""
 
     def __init__(self, worker: StreamWorker, session_id: int, state: Message,
                  image_fd: int, manifest: ManifestFile) -> None:
+        super().__init__(worker.io, worker.buffers, worker.requests,
+                         worker.settings.idle_timeout)
         self.worker = worker
         self.session_id = session_id
         self.vdisk = str(state["vdisk"])
+        self.store = Path(str(state["store"]))
         self.size = int(state["size"])
         self.stat_key = tuple(int(v) for v in state["stat"])
         self.image_fd = image_fd
@@ -80,23 +83,11 @@ class WorkerSession(asyncio.Protocol):
         )
         self.invalid = ""
         """Why this replica may no longer be served (pvsd said so), or empty."""
-        self.bytes_read = 0
-        self.transport: asyncio.Transport | None = None
-        self.last_heard = time.monotonic()
         self.peer = str(state.get("peer", ""))
         self._log = log.bind(peer=self.peer, device=state.get("device", ""),
                              vdisk=self.vdisk, session=f"{session_id:016x}")
         self.replies = Replies(self.conn)
-        self._unchanged = False
-        self._paused = False
-        """Requests are not read: the transport's buffer is full, or this worker's share of
-        the reply budget is spent and this session holds much of it (pvsd.budget)."""
-        self._write_paused = False
-        self._budget_paused = False
-        self._timer: asyncio.TimerHandle | None = None
         self._closed_why = ""
-        self._reads = 0
-        """Reads answered from the page cache in this burst (their latency: pvsd.metrics)."""
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -110,33 +101,6 @@ class WorkerSession(asyncio.Protocol):
         ))
         self._arm_timer(self.worker.settings.idle_timeout)
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        self._process()
-
-    def _process(self) -> None:
-        self.replies.burst()
-        self._unchanged = False
-        self._reads = 0
-        started = time.monotonic()
-        try:
-            while self.transport is not None and not self.transport.is_closing():
-                if self._paused:
-                    return
-                event = self.conn.next_event()
-                if event is ev.NEED_DATA:
-                    break
-                assert not isinstance(event, ev.NeedData)
-                self.last_heard = time.monotonic()
-                self._handle(event)
-        except ProtocolError as error:
-            self._log.warning("protocol_error", code=error.code.name, error=error.message)
-            self.close(error.code, error.message)
-        finally:
-            self.replies.flush()
-            if self._reads:
-                self.worker.requests.reads(time.monotonic() - started, self._reads)
-
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -144,34 +108,6 @@ class WorkerSession(asyncio.Protocol):
         self.transport = None
         why = self._closed_why or (str(exc) if exc else "closed by target")
         self.worker.ended(self, why)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self._pause()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._resume()
-
-    def budget_pause(self) -> None:
-        self._budget_paused = True
-        self._pause()
-
-    def budget_resume(self) -> None:
-        self._budget_paused = False
-        self._resume()
-
-    def _pause(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def _resume(self) -> None:
-        if self._paused and not self._write_paused and not self._budget_paused:
-            self._paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
-                self._process()
 
     def _unsent(self, size: int) -> None:
         if self.worker.sessions.get(self.session_id) is self:
@@ -205,9 +141,9 @@ class WorkerSession(asyncio.Protocol):
                 self._digests(event)
             case ev.Flush(request_id):
                 self.send(ev.Done(request_id))  # nothing of ours is unwritten
-                self.worker.requests.observe("flush", time.monotonic() - self.last_heard)
+                self._requests.observe("flush", time.monotonic() - self.last_heard)
             case ev.Error(request_id, code, message):  # a WRITE the screen refused
-                self._refuse(request_id, code, message)
+                self._request_error(request_id, code, message)
             case ev.Damaged(block, message):
                 self.worker.channel_send(
                     {"op": "damaged", "session": self.session_id, "block": block,
@@ -230,120 +166,42 @@ class WorkerSession(asyncio.Protocol):
             f"{self.vdisk} is a Standard Image: writes belong in the target's write cache",
         )
 
-    def _refuse(self, request_id: int, code: ErrorCode, message: str) -> None:
-        self._log.warning("request_refused", request=request_id, code=code.name, error=message)
-        self.send(ev.Error(request_id, code, message))
-
-    def _servable(self, request_id: int) -> bool:
-        """Whether this replica may still be served: not withdrawn by pvsd, and the image file
-        not written since login (one fstat per burst of requests, as pvsd's sessions do)."""
-        if not self.invalid and not self._unchanged:
+    def _readable(self, request_id: int, offset: int, length: int) -> int | None:
+        if offset + length > self.size:
+            self._request_error(
+                request_id, ErrorCode.OUT_OF_RANGE, f"bytes {offset}..{offset + length} lie "
+                f"past the end of {self.vdisk} ({self.size} bytes)",
+            )
+            return None
+        if not self.invalid and not self._unchanged:  # one fstat per burst, as pvsd's sessions
             self._unchanged = content_key(self.image_fd) == self.stat_key
             if not self._unchanged:
                 self.invalid = f"replica of {self.vdisk} changed since login: log in again"
         if self.invalid:
-            self._refuse(request_id, ErrorCode.NO_IDENTICAL_REPLICA, self.invalid)
-            return False
-        return True
+            self._request_error(request_id, ErrorCode.NO_IDENTICAL_REPLICA, self.invalid)
+            return None
+        return self.image_fd
 
-    def _read(self, read: ev.Read) -> None:
-        if read.offset + read.length > self.size:
-            self._refuse(read.request_id, ErrorCode.OUT_OF_RANGE,
-                         f"bytes {read.offset}..{read.offset + read.length} lie past the end "
-                         f"of {self.vdisk} ({self.size} bytes)")
-            return
-        if not self._servable(read.request_id):
-            return
-        buffer = self.worker.buffers.take(read.length)
-        try:
-            got = os.preadv(self.image_fd, [buffer], read.offset, _NOWAIT)
-        except BlockingIOError:
-            got = 0
-        except OSError as error:
-            self._io_failed(read.request_id, error)
-            return
-        if got == read.length:
-            self.bytes_read += got
-            self.send(ev.ReadData(read.request_id, buffer))
-            self._reads += 1
-        else:
-            since = time.monotonic()
-            task = asyncio.ensure_future(self._read_rest(buffer, read, got))
-            task.add_done_callback(lambda done: self._read_done(done, read.request_id, since))
+    def _store(self) -> Path:
+        return self.store
 
-    async def _read_rest(self, buffer: bytearray, read: ev.Read, got: int) -> bytearray:
-        view = memoryview(buffer)
-        loop = asyncio.get_running_loop()
-        while got < len(buffer):
-            count = await asyncio.wait_for(
-                loop.run_in_executor(self.worker.io_pool, os.preadv, self.image_fd,
-                                     [view[got:]], read.offset + got),
-                self.worker.settings.stall_timeout,
-            )
-            if count == 0:
-                raise OSError(0, "image is shorter than its identity says (truncated?)")
-            got += count
-        return buffer
-
-    def _read_done(self, task: asyncio.Future[bytearray], request_id: int, since: float) -> None:
-        if task.cancelled():
-            return
-        error = task.exception()
-        if isinstance(error, TimeoutError):
-            self._log.warning(
-                "request_stalled", request=request_id, seconds=self.worker.settings.stall_timeout,
-                hint="answered with IO_ERROR so that the target moves; the store does not answer",
-            )
-            self.send(ev.Error(request_id, ErrorCode.IO_ERROR,
-                               f"read of {self.vdisk}: the store of this server is not "
-                               "answering (stalled I/O): log in at another server"))
-        elif isinstance(error, OSError):
-            self._io_failed(request_id, error)
-        elif error is not None:
-            self._log.error("internal_error", request=request_id, error=repr(error))
-            self.send(ev.Error(request_id, ErrorCode.INTERNAL, "read: internal error"))
-        else:
-            data = task.result()
-            self.bytes_read += len(data)
-            self.send(ev.ReadData(request_id, data))
-            self.worker.requests.observe("read", time.monotonic() - since)
-
-    def _io_failed(self, request_id: int, error: OSError) -> None:
-        self._log.error("io_error", request=request_id, op="read", error=str(error),
-                        hint=f"check the image of {self.vdisk} and the disk it lives on")
-        self.send(ev.Error(request_id, ErrorCode.IO_ERROR, f"read failed on the server: {error}"))
+    def _vdisk_name(self) -> str:
+        return self.vdisk
 
     def _digests(self, request: ev.Digests) -> None:
         if self.invalid:
-            self._refuse(request.request_id, ErrorCode.NO_IDENTICAL_REPLICA, self.invalid)
+            self._request_error(request.request_id, ErrorCode.NO_IDENTICAL_REPLICA, self.invalid)
             return
         try:
             page = digest_page(self.manifest, request)
         except OSError as error:
-            self._io_failed(request.request_id, error)
+            self._io_failed(request.request_id, "digests", error)
             return
         if isinstance(page, str):
-            self._refuse(request.request_id, ErrorCode.OUT_OF_RANGE, page)
+            self._request_error(request.request_id, ErrorCode.OUT_OF_RANGE, page)
             return
         self.send(ev.ReadData(request.request_id, page))
-        self.worker.requests.observe("digests", time.monotonic() - self.last_heard)
-
-    # -- timers -----------------------------------------------------------------------------
-
-    def _arm_timer(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._on_timer)
-
-    def _on_timer(self) -> None:
-        idle = time.monotonic() - self.last_heard
-        limit = self.worker.settings.idle_timeout
-        if idle >= limit:
-            self._log.warning("idle_timeout", seconds=round(idle, 1))
-            self.close(ErrorCode.TIMEOUT, f"nothing received for {limit:.0f} s")
-        else:
-            self._arm_timer(limit - idle)
-
+        self._requests.observe("digests", time.monotonic() - self.last_heard)
 
 class StreamWorker:
     """The sessions of this process, and its channel to pvsd."""
@@ -353,14 +211,15 @@ class StreamWorker:
         self.budget: BudgetKeeper[WorkerSession] = BudgetKeeper(
             settings.reply_budget, settings.max_request
         )
-        self.buffers = BufferPool()
-        self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="pvsd-worker-io")
+        self.buffers: BufferPool = BufferPool()
+        self.io: ServingIO = ServingIO(io_threads, settings.stall_timeout, self._stall_changed,
+                            name="pvsd-worker-io")
         self.sessions: dict[int, WorkerSession] = {}
         self.manifests: dict[tuple[int, ...], tuple[ManifestFile, set[int]]] = {}
         """Loaded manifests by file (device, inode, size, times), with the sessions using
         each: loading one reads the whole file (its leaves are checked against its root), so
         the sessions of one replica share it."""
-        self.requests = RequestStats()
+        self.requests: RequestStats = RequestStats()
         """Latencies since the last report to pvsd, which keeps the server's."""
         self._sock = channel
         self._channel: Channel | None = None
@@ -374,11 +233,16 @@ class StreamWorker:
             await self._done
         finally:
             reporter.cancel()
-            self.io_pool.shutdown(wait=False, cancel_futures=True)
+            self.io.close()
 
     def channel_send(self, message: Message) -> None:
         if self._channel is not None:
             self._channel.send(message)
+
+    def _stall_changed(self, store: Path, stalled: bool) -> None:
+        """A store stalled in this worker's threads, or answers again: pvsd withdraws its
+        replicas from the site (and asks their targets to move) as for its own."""
+        self.channel_send({"op": "store", "store": str(store), "stalled": stalled})
 
     def ended(self, session: WorkerSession, why: str) -> None:
         if self.sessions.pop(session.session_id, None) is not None:

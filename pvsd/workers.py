@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -161,6 +162,8 @@ class Worker:
         self.channel: Channel | None = None
         self._reports: dict[int, asyncio.Future[None]] = {}
         self._token = 0
+        self.stalled: set[Path] = set()
+        """Stores this worker's threads wait on past ``stall_timeout`` (pvsd.serving)."""
 
     @property
     def up(self) -> bool:
@@ -219,6 +222,12 @@ class Worker:
             if report is not None and not report.done():
                 report.set_result(None)
             return
+        if op == "store":
+            store, stalled = message.get("store"), message.get("stalled")
+            if isinstance(store, str) and isinstance(stalled, bool):
+                (self.stalled.add if stalled else self.stalled.discard)(Path(store))
+                self.pool.on_stalls(f"worker {self.number}", {Path(store): stalled})
+            return
         session = self.sessions.get(_int(message.get("session")))
         if session is None:
             return
@@ -244,6 +253,9 @@ class Worker:
         if process is not None and process.returncode is None and not self.pool.closing:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGKILL)
+        if self.stalled:  # its stuck threads ended with it
+            recovered, self.stalled = dict.fromkeys(self.stalled, False), set()
+            self.pool.on_stalls(f"worker {self.number}", recovered)
         ended = list(self.sessions.values())
         self.sessions.clear()
         for session in ended:
@@ -254,11 +266,16 @@ class Worker:
 class Workers:
     """The stream workers of one pvsd; owned by its StreamServer."""
 
-    def __init__(self, config: Config, on_stats: Callable[[object, object], None]) -> None:
+    def __init__(
+        self, config: Config, on_stats: Callable[[object, object], None],
+        on_stalls: Callable[[str, dict[Path, bool]], None],
+    ) -> None:
         """``on_stats(buckets, sums)`` hears the request latencies workers took
-        (`pvsd.metrics.RequestStats.add`)."""
+        (`pvsd.metrics.RequestStats.add`); ``on_stalls(where, {store: stalled})`` hears the
+        stores a worker finds stalled or answering again."""
         self.config = config
         self.on_stats = on_stats
+        self.on_stalls = on_stalls
         self.workers = [Worker(self, number) for number in range(1, config.stream_workers + 1)]
         self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()

@@ -305,20 +305,26 @@ def _replicate(source: Path, target: Path, name: str) -> None:
             shutil.copy2(file, target / file.name)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 async def test_a_stalled_store_sends_its_targets_elsewhere_and_is_served_again(
-    tmp_path: Path,
+    tmp_path: Path, workers: int
 ) -> None:
+    """With stream workers, the reader is served by one: the worker finds the store stalled,
+    and pvsd withdraws it from the site and asks the target to move, as for its own."""
     size = 8 * MIB
     with stallable_filesystem(tmp_path) as filesystem:
         stalled_store = filesystem.mountpoint / "store1"
         make_vdisk(stalled_store, "disk", size, seed=5)
         data = random_bytes(size, 5)
         _replicate(stalled_store, tmp_path / "store2", "disk")
-        s1, s2 = _pair(tmp_path, stalled_store, tmp_path / "store2")
+        s1, s2 = _pair(tmp_path, stalled_store, tmp_path / "store2",
+                       "--stream-workers", str(workers))
         suspended = False
         try:
             for server in (s1, s2):
                 server.start(vdisks=["disk"])
+                if workers:
+                    server.wait_for_log("stream_worker_started", worker=workers)
             for server, other in ((s1, s2), (s2, s1)):
                 server.wait_for_log("peer_inventory", peer=other.name)
             async with asyncio.timeout(90):
@@ -339,6 +345,7 @@ async def test_a_stalled_store_sends_its_targets_elsewhere_and_is_served_again(
                     await next_matching(reader, lambda e: isinstance(e, ev.Relogin))
                 stalled = await s1.until_log("store_stalled", store=str(stalled_store))
                 assert stalled["targets_moved"] == 1 and "action" in stalled
+                assert stalled["found_by"] == (["worker 1"] if workers else ["pvsd"])
                 await s1.until_log("request_stalled", op="read")
 
                 # new logins are refused here, and a target reading the vDisk moves on
