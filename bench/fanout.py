@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from procs import Child, Children, children, free_port, link_store, start_nbdkit, start_pvsd
+from report import print_tables as show_tables
 from stream import MIB, _run, machine, make_store, parse_size, python_environment, revision
 
 HERE = Path(__file__).resolve().parent
@@ -431,27 +432,7 @@ def print_tables(summary: dict[str, Any], options: Options, runs: int, footer: s
          "CPU (user + system) of the whole server process tree and of the clients, from /proc, "
          "over the counted window; cores = CPU seconds per second."),
     ]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for title, headers, rows, note in tables:
-            print(f"\n{title}")
-            widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-            for row in [headers, *rows]:
-                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-            print(note)
-        print(footer)
-        return
-    console = Console(width=170)
-    for title, headers, rows, note in tables:
-        table = Table(title=title, caption=note)
-        for index, header in enumerate(headers):
-            table.add_column(header, justify="left" if index == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    console.print(footer)
+    show_tables(tables, footer)
 
 
 def main(argv: list[str] | None = None) -> int:

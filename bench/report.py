@@ -271,6 +271,31 @@ def tables(report: dict[str, Any], previous: dict[str, Any] | None) -> list[
     return out
 
 
+def print_tables(made: list[tuple[str, list[str], list[list[str]], str]], footer: str) -> None:
+    """Each (title, headers, rows, note) as a table (rich where installed), then the footer."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for title, headers, rows, note in made:
+            print(f"\n{title}")
+            widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+            for row in [headers, *rows]:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+            print(note)
+        print(footer)
+        return
+    console = Console(width=170)
+    for title, headers, rows, note in made:
+        table = Table(title=title, caption=note)
+        for index, header in enumerate(headers):
+            table.add_column(header, justify="left" if index == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(footer)
+
+
 def print_report(report: dict[str, Any], previous: dict[str, Any] | None) -> None:
     made = tables(report, previous)
     load = report["summary"]["load_average"]
@@ -285,27 +310,7 @@ def print_report(report: dict[str, Any], previous: dict[str, Any] | None) -> Non
     )
     if previous:
         footer += f"; previous: {previous['file']} ({previous['revision']})"
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for title, headers, rows, note in made:
-            print(f"\n{title}")
-            widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-            for row in [headers, *rows]:
-                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-            print(note)
-        print(footer)
-    else:
-        console = Console(width=170)
-        for title, headers, rows, note in made:
-            table = Table(title=title, caption=note)
-            for index, header in enumerate(headers):
-                table.add_column(header, justify="left" if index == 0 else "right")
-            for row in rows:
-                table.add_row(*row)
-            console.print(table)
-        console.print(footer)
+    print_tables(made, footer)
     for key, text in report.get("errors", {}).items():
         print(f"\n{key} FAILED: {text}")
     profiles = (report.get("streaming") or {}).get("profiles") or {}
