@@ -30,6 +30,7 @@ from pvsd.metrics import requests_of
 from pvsd.serving import ServingIO
 from pvsd.session import Session, new_session_id
 from pvsd.site import LocalState, Site, replica_entry, replicas_of
+from pvsd.stalls import StalledStores, Transition
 from pvsd.store import Catalog, VDisk
 from pvsd.versions import DeviceClass, device_class
 from pvsd.workers import Workers
@@ -74,7 +75,7 @@ class StreamServer:
         self.serving = ServingIO(config.io_threads, config.stall_timeout, self._stall_changed)
         """Serving I/O only (reads that miss the page cache, writes, fdatasync): hashing and
         scrubbing run in the catalog's pool, so they never make a target's read wait."""
-        self._stalled_in: dict[Path, set[str]] = {}
+        self._stalled = StalledStores()
         """Stores that do not answer, and where that was found: "pvsd" (this process's
         threads) or "worker N" (a stream worker's)."""
         self.lingering_writers: set[int] = set()
@@ -486,30 +487,21 @@ class StreamServer:
     # -- serving I/O and stalled stores ------------------------------------------------------
 
     def store_stalled(self, store: Path) -> bool:
-        return bool(self._stalled_in.get(store))
+        return self._stalled.stalled(store)
 
     def _stall_changed(self, store: Path, stalled: bool, where: str = "pvsd") -> None:
         """``store`` stalled (or answers again) in this process's threads or in a stream
         worker's: the site sees one server, whose store stalls when any of them finds so and
         recovers once none does."""
-        before = self.store_stalled(store)
-        places = self._stalled_in.setdefault(store, set())
-        if stalled:
-            places.add(where)
-        else:
-            places.discard(where)
-            if not places:
-                del self._stalled_in[store]
-        if self.store_stalled(store) == before:
-            return
-        if not before:
-            self._store_stalled(store)
-            return
-        log.warning(
-            "store_recovered", store=str(store),
-            hint="its requests complete again: its replicas are served again",
-        )
-        self._inventory_changed()
+        match self._stalled.change(store, where, stalled):
+            case Transition.STALLED:
+                self._store_stalled(store)
+            case Transition.RECOVERED:
+                log.warning(
+                    "store_recovered", store=str(store),
+                    hint="its requests complete again: its replicas are served again",
+                )
+                self._inventory_changed()
 
     def worker_stalls(self, where: str, stores: dict[Path, bool]) -> None:
         """What a stream worker found (or, when it ended, forgot) of its stores."""
@@ -527,7 +519,7 @@ class StreamServer:
         ]
         log.error(
             "store_stalled", store=str(store), seconds=self.config.stall_timeout,
-            found_by=sorted(self._stalled_in.get(store, ())),
+            found_by=self._stalled.found_by(store),
             in_threads=self.serving.waiting(store), targets_moved=len(moving),
             action=f"requests to {store} have not completed for {self.config.stall_timeout:g} "
             "s: check the disk or network share under it; its targets are sent to other "

@@ -81,3 +81,31 @@ class StallTracker:
     def waiting(self, store: Hashable) -> int:
         """Requests of ``store`` still in worker threads (overdue or not)."""
         return sum(1 for operation in self._operations.values() if operation.store == store)
+
+
+class StalledStores:
+    """One server's view over its processes (pvsd and its stream workers, each with its own
+    threads and `StallTracker`): a store is stalled while any of them says so, and recovers
+    once none does."""
+
+    def __init__(self) -> None:
+        self._found_by: dict[Hashable, set[str]] = {}
+
+    def change(self, store: Hashable, where: str, stalled: bool) -> Transition | None:
+        """``where`` (a process) found ``store`` stalled, or answering again: the server's
+        transition, if any."""
+        before = store in self._found_by
+        places = self._found_by.setdefault(store, set())
+        (places.add if stalled else places.discard)(where)
+        if not places:
+            del self._found_by[store]
+        after = store in self._found_by
+        if after == before:
+            return None
+        return Transition.STALLED if after else Transition.RECOVERED
+
+    def stalled(self, store: Hashable) -> bool:
+        return store in self._found_by
+
+    def found_by(self, store: Hashable) -> list[str]:
+        return sorted(self._found_by.get(store, ()))

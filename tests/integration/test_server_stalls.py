@@ -53,11 +53,14 @@ def evict(path: Path) -> None:
 
 
 def disk_reads(pid: int) -> int:
-    """Bytes a process (all its threads) made the storage layer fetch, from /proc."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    raise KeyError("read_bytes")
+    """Bytes a process (all its threads) and its children (pvsd's stream workers, if any)
+    made the storage layer fetch, from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for each in [pid, *(int(child) for child in children)]:
+        lines = Path(f"/proc/{each}/io").read_text().splitlines()
+        total += next(int(line.split()[1]) for line in lines if line.startswith("read_bytes:"))
+    return total
 
 
 async def next_matching(

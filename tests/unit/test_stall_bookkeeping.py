@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pvsd import locks
-from pvsd.stalls import StallTracker, Transition
+from pvsd.stalls import StalledStores, StallTracker, Transition
 
 
 def test_a_store_stalls_with_its_first_overdue_request_and_recovers_with_its_last() -> None:
@@ -47,6 +47,19 @@ def _lock(store: Path, name: str, server: str) -> Path:
     path = store / f"{name}.lock"
     path.write_text(json.dumps({"server": server, "session": 5, "device": "d", "since": 1.0}))
     return path
+
+
+def test_a_store_stalls_for_the_server_when_any_process_finds_it_and_recovers_when_none_does(
+) -> None:
+    stores = StalledStores()
+    assert stores.change("a", "worker 1", True) is Transition.STALLED
+    assert stores.change("a", "pvsd", True) is None
+    assert stores.change("a", "worker 1", True) is None  # said again
+    assert stores.found_by("a") == ["pvsd", "worker 1"] and not stores.stalled("b")
+    assert stores.change("a", "worker 1", False) is None  # pvsd still waits on it
+    assert stores.change("b", "worker 2", False) is None  # never stalled
+    assert stores.change("a", "pvsd", False) is Transition.RECOVERED
+    assert not stores.stalled("a") and stores.found_by("a") == []
 
 
 def test_a_restarted_server_releases_only_its_own_locks(tmp_path: Path) -> None:
