@@ -271,8 +271,12 @@ def tables(report: dict[str, Any], previous: dict[str, Any] | None) -> list[
     return out
 
 
-def print_tables(made: list[tuple[str, list[str], list[list[str]], str]], footer: str) -> None:
-    """Each (title, headers, rows, note) as a table (rich where installed), then the footer."""
+def print_tables(
+    made: list[tuple[str, list[str], list[list[str]], str]], footer: str = "", *,
+    width: int = 170, left: int = 1,
+) -> None:
+    """Each (title, headers, rows, note) as a table (rich where installed; the first ``left``
+    columns aligned left), then the footer."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -283,17 +287,19 @@ def print_tables(made: list[tuple[str, list[str], list[list[str]], str]], footer
             for row in [headers, *rows]:
                 print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
             print(note)
-        print(footer)
+        if footer:
+            print(footer)
         return
-    console = Console(width=170)
+    console = Console(width=width)
     for title, headers, rows, note in made:
         table = Table(title=title, caption=note)
         for index, header in enumerate(headers):
-            table.add_column(header, justify="left" if index == 0 else "right")
+            table.add_column(header, justify="left" if index < left else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    console.print(footer)
+    if footer:
+        console.print(footer)
 
 
 def print_report(report: dict[str, Any], previous: dict[str, Any] | None) -> None:

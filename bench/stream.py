@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from profile_summary import Profile, find_py_spy, print_profiles, summarize
+from report import print_tables
 
 from pvs_protocol import sizes
 
@@ -483,25 +484,7 @@ def print_table(plan: list[Workload], runs: int) -> None:
         ("pvs beside nbdkit, loopback", HEADERS, table_rows(plan), NOTE.format(runs=runs)),
         ("CPU cost, pvs beside nbdkit on TCP", CPU_HEADERS, cpu_rows(plan), CPU_NOTE),
     ]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for title, headers, rows, note in tables:
-            print(f"\n{title}")
-            widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-            for row in [headers, *rows]:
-                print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-            print(note)
-        return
-    console = Console(width=150)
-    for title, headers, rows, note in tables:
-        table = Table(title=title, caption=note)
-        for index, header in enumerate(headers):
-            table.add_column(header, justify="left" if index < 2 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+    print_tables(tables, width=150, left=2)
 
 
 def revision(tree: Path) -> str:
