@@ -7,6 +7,7 @@ just like a short payload.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 import zlib
@@ -173,7 +174,37 @@ def encode(event: ev.Event, checksum_kind: ev.Checksum) -> list[bytes | bytearra
         case ev.Write(request_id, offset, data):
             return [header(FrameType.WRITE, 8 + len(data), request_id) + _OFFSET.pack(offset), data]
     kind, payload, request_id, flags = _encode_small(event)
+    if len(payload) > HANDSHAKE_MAX_PAYLOAD:  # the peer would refuse it (TOO_LARGE)
+        raise ValueError(
+            f"{kind.name} payload of {len(payload)} bytes exceeds HANDSHAKE_MAX_PAYLOAD "
+            f"({HANDSHAKE_MAX_PAYLOAD})"
+        )
     return [header(kind, len(payload), request_id, flags) + payload]
+
+
+def fit_site(event: ev.Event) -> ev.Event:
+    """``event`` as a server must send it: a LOGIN_OK, RELOGIN or SITE whose address list
+    would not fit in ``HANDSHAKE_MAX_PAYLOAD`` loses its last (most loaded) addresses until
+    it does, and addresses that cannot be encoded (over ``MAX_STRING``) are left out; any other
+    event is returned as it is. The list is a hint, and a shorter one is still a valid frame."""
+    if not isinstance(event, (ev.LoginOk, ev.Relogin, ev.SiteUpdate)):
+        return event
+    site = tuple(a for a in event.site if _encodable(a))[:MAX_SITE_ADDRESSES]
+    try:
+        while site and len(_encode_small(dataclasses.replace(event, site=site))[1]) > (
+            HANDSHAKE_MAX_PAYLOAD
+        ):
+            site = site[:-1]
+    except ValueError:  # another field cannot be encoded: the connection refuses it
+        return event
+    return event if site == event.site else dataclasses.replace(event, site=site)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        return len(text.encode("utf-8")) <= MAX_STRING
+    except UnicodeEncodeError:
+        return False
 
 
 def _encode_small(event: ev.Event) -> tuple[FrameType, bytes, int, int]:

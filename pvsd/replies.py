@@ -15,6 +15,7 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from pvs_protocol import events as ev
+from pvs_protocol import wire
 from pvs_protocol.buffers import Buffer, Lent
 from pvs_protocol.connection import Connection
 from pvs_protocol.errors import ProtocolError
@@ -58,7 +59,7 @@ class Replies:
         if transport is None or transport.is_closing():
             return
         try:
-            buffers = self.conn.send_buffers(event)
+            buffers = self.conn.send_buffers(wire.fit_site(event))
         except ProtocolError as error:  # our own bug: say so loudly, and end this connection
             log.error("internal_protocol_error", error=str(error))
             transport.abort()

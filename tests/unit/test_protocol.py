@@ -253,6 +253,38 @@ def test_login_ok_site_addresses_round_trip_and_limit() -> None:
     refused_on_send(pair_in(Phase.LOGIN).server, too_many, ErrorCode.MALFORMED)
 
 
+def test_a_frame_the_peer_would_refuse_as_too_large_is_refused_on_send_unchanged() -> None:
+    """Sixteen addresses of 256 bytes make a SITE of 4,129 bytes: the receiver would refuse
+    it (TOO_LARGE), so the sender refuses it first, and its state does not move."""
+    site = tuple(f"{'h' * 250}-{n:02d}:6910" for n in range(wire.MAX_SITE_ADDRESSES))
+    pair = pair_in(Phase.STREAMING)
+    before = copy.deepcopy(pair.server.__dict__)
+    refused_on_send(pair.server, ev.SiteUpdate(site), ErrorCode.MALFORMED)
+    assert pair.server.__dict__ == before
+    assert pair.exchange(S, ev.SiteUpdate(site[:8])) == ev.SiteUpdate(site[:8])
+
+
+def test_a_server_leaves_out_the_last_addresses_until_the_frame_fits() -> None:
+    long_names = tuple(f"{'h' * 250}-{n:02d}:6910" for n in range(wire.MAX_SITE_ADDRESSES))
+    ok = ev.LoginOk(1, IDENTITY, 4096, 1, ev.LoginFlag(0), "s1", "10.0.0.1:6910", long_names)
+    fitted = wire.fit_site(ok)
+    assert isinstance(fitted, ev.LoginOk) and fitted.site == long_names[: len(fitted.site)]
+    assert len(wire.encode(fitted, ev.Checksum.NONE)[0]) - wire.HEADER_SIZE <= (
+        wire.HANDSHAKE_MAX_PAYLOAD
+    )
+    more = dataclasses.replace(fitted, site=long_names[: len(fitted.site) + 1])
+    with pytest.raises(ValueError, match="HANDSHAKE_MAX_PAYLOAD"):
+        wire.encode(more, ev.Checksum.NONE)
+    pair = pair_in(Phase.LOGIN)
+    pair.exchange(C, LOGIN)
+    assert pair.exchange(S, fitted) == fitted
+    # An address no frame can carry is left out; the rest keep their order.
+    odd = ev.Relogin(1000, "move", ("a:1", "x" * 2000 + ":1", "b:2", "\ud800:3"))
+    assert wire.fit_site(odd) == ev.Relogin(1000, "move", ("a:1", "b:2"))
+    small = ev.SiteUpdate(("a:1", "b:2"))
+    assert wire.fit_site(small) is small and wire.fit_site(ev.Done(1)) == ev.Done(1)
+
+
 def test_error_codes_and_retryable_registry() -> None:
     assert [(code.name, code.value) for code in ErrorCode] == [
         ("MALFORMED", 1), ("UNSUPPORTED_VERSION", 2), ("UNKNOWN_TYPE", 3), ("TOO_LARGE", 4),
