@@ -21,6 +21,7 @@ much of it (`pvsd.budget`); requests then wait in the receive buffer, bounded by
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import dataclasses
@@ -114,7 +115,7 @@ class _Offloaded:
     reused the id."""
 
 
-class ServedSession(asyncio.Protocol):
+class ServedSession(asyncio.Protocol, abc.ABC):
     """One target's connection as served: its request loop, flow control, reads, requests in
     threads and idle timer. Subclasses say what the requests are (``_handle``), which image a
     read may use (``_readable``) and how replies leave (``send``, ``close``)."""
@@ -147,27 +148,32 @@ class ServedSession(asyncio.Protocol):
         self._reads = 0
         """Reads answered from the page cache in this burst (their latency: pvsd.metrics)."""
 
-    # -- to be said by the subclass ---------------------------------------------------------
+    # -- what each kind of session says (pvsd.session.Session, its workers' WorkerSession) ----
 
+    @abc.abstractmethod
     def send(self, event: ev.Event) -> None:
-        raise NotImplementedError
+        """Send ``event`` to the target (or to the process that now serves it)."""
 
+    @abc.abstractmethod
     def close(self, code: int = 0, message: str = "") -> None:
-        raise NotImplementedError
+        """Say GOODBYE and close once the replies buffered are written."""
 
+    @abc.abstractmethod
     def _handle(self, event: ev.Event) -> None:
-        raise NotImplementedError
+        """One whole frame from the target."""
 
+    @abc.abstractmethod
     def _readable(self, request_id: int, offset: int, length: int) -> int | None:
         """The image descriptor a request for these bytes may use, or None (refused: said
         to the target already)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _store(self) -> Path:
-        raise NotImplementedError
+        """The store of this session's image (what a stall is recorded against)."""
 
+    @abc.abstractmethod
     def _vdisk_name(self) -> str:
-        raise NotImplementedError
+        """For the messages that name the vDisk."""
 
     def _store_stalled(self) -> bool:
         """Whether the store of this session's image is known not to answer."""
