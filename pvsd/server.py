@@ -12,7 +12,6 @@ import collections
 import enum
 import time
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import structlog
 
@@ -37,10 +36,6 @@ from pvsd.workers import Workers
 
 log = structlog.get_logger("pvsd.server")
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-MIB = 1024 * 1024
 SITE_UPDATE_INTERVAL = 0.25
 """SITE frames are coalesced: at most one per streaming target this often."""
 LOCK_PROBE_TIMEOUT = 0.5

@@ -99,7 +99,7 @@ class WorkerSession(ServedSession):
             self.worker.buffers.give, self.transport, asyncio.get_running_loop(),
             limit=8 * max_request, unsent=self._unsent,
         ))
-        self._arm_timer(self.worker.settings.idle_timeout)
+        self._arm_timer(self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
